@@ -1,0 +1,7 @@
+"""Segmentation methods, registered by name. Each is a short set of hooks on :mod:`rfclip.dense`."""
+
+from .base import METHODS, PLUGINS, Method, build_method, method_option_names, parse_method_spec, register_method, register_plugin
+from . import clip, clearclip, naclip, sclip  # noqa: F401  (registration)
+
+__all__ = ["METHODS", "PLUGINS", "Method", "build_method", "method_option_names", "parse_method_spec",
+           "register_method", "register_plugin"]

@@ -1,0 +1,239 @@
+"""The dense CLIP ViT forward, written once, with a small per-layer hook interface.
+
+Every segmentation method in rfclip (vanilla CLIP, MaskCLIP, SCLIP, ClearCLIP, NACLIP, RF-CLIP, FSA, ProxyCLIP)
+is a set of hooks that this forward calls; no method copies it. The forward runs over the weights of an
+open_clip ``VisionTransformer`` and returns one L2-normalised feature per patch, projected into the text space.
+
+Per residual layer ``l`` (0-based) the forward does::
+
+    x = hooks.layer_input(ctx, l, x)          # read / change the residual stream entering the layer
+    q, k, v = qkv(ln_1(x))                     # (B, H, T, dh) each, T = 1 + N tokens (CLS first)
+    A = hooks.attention(ctx, l, q, k, v)       # (B, H, T, T) weights, or None for plain softmax attention
+    x = x + ls_1(out_proj(A @ v))              # standard pre-LN block
+    x = x + ls_2(mlp(ln_2(x)))
+
+and in the last layer ``hooks.final_attention`` decides the attention, the values (possibly on another token
+grid, as ProxyCLIP does) and whether the residual and FFN are kept. When a hook returns ``None`` the forward
+uses ``scaled_dot_product_attention`` so that methods that do not need the attention matrix get flash/SDPA
+kernels on GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import RfclipError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .methods.base import Method
+
+
+@dataclass
+class FinalAttention:
+    """What the last layer attends with.
+
+    ``weights`` may be ``None`` (plain softmax attention through SDPA). ``values`` defaults to the layer's own
+    ``v``. A method that moves to another token grid (ProxyCLIP: the VFM grid, no CLS token) sets ``values``,
+    ``grid`` and ``has_cls=False``; the residual/FFN can only be kept on the CLIP token grid.
+    """
+
+    weights: Tensor | None  # (B, H or 1, T', T') row-stochastic (SCLIP: rows sum to 2)
+    values: Tensor | None = None  # (B, H, T', dh)
+    keep_residual: bool = False  # True: y = x + O(A), y = y + FFN(y); False: y = O(A) (ClearCLIP's "reduced" block)
+    grid: tuple[int, int] | None = None  # patch grid of the output tokens when it differs from the CLIP grid
+    has_cls: bool = True  # whether token 0 of the output is the CLS token
+
+
+@dataclass
+class ForwardContext:
+    """Per-forward state shared between the dense forward and a method's hooks."""
+
+    encoder: "DenseCLIP"
+    images: Tensor  # (B, 3, H, W) CLIP-normalised crops
+    grid: tuple[int, int]  # (h, w) patch grid of the CLIP tokens
+    text_features: Tensor | None = None  # (Q, D) L2-normalised query embeddings (FSA needs them inside the forward)
+    store: dict[str, Any] = field(default_factory=dict)  # scratch space for the method (e.g. key-key maps)
+    record: dict[str, Any] | None = None  # diagnostics requested by `rfclip explain`; None = record nothing
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.encoder.num_heads
+
+    @property
+    def width(self) -> int:
+        return self.encoder.width
+
+    @property
+    def scale(self) -> float:
+        """Attention scale 1/sqrt(head dim)."""
+        return self.encoder.head_dim ** -0.5
+
+    def attention_output(self, weights: Tensor, values: Tensor) -> Tensor:
+        """``out_proj(concat_h(A_h V_h))`` of the last block, bias included. Returns (B, T', C)."""
+        return self.encoder.attention_output(self.encoder.blocks[-1], weights, values)
+
+    def to_text_space(self, y: Tensor) -> Tensor:
+        """``normalize(ln_post(y) @ proj)`` for tokens ``y`` (…, C) -> (…, D)."""
+        return F.normalize(self.encoder.to_text_space(y), dim=-1)
+
+    def log(self, key: str, value: Tensor) -> None:
+        """Record a diagnostic tensor (detached, on CPU, fp32) when recording is switched on."""
+        if self.record is not None:
+            self.record.setdefault(key, []).append(value.detach().float().cpu())
+
+
+def softmax_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """``softmax(scale * q k^T + bias)`` over the last axis, computed in fp32. Returns (B, H, T, T)."""
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1)
+
+
+class DenseCLIP(nn.Module):
+    """Dense forward over an open_clip ``VisionTransformer`` (weights shared, not copied)."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        required = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj")
+        missing = [name for name in required if not hasattr(visual, name)]
+        if missing or not hasattr(visual.transformer, "resblocks"):
+            raise RfclipError(
+                f"rfclip needs a CLIP ViT image encoder, got {type(visual).__name__} (missing {', '.join(missing) or 'resblocks'}); "
+                "choose a ViT model such as ViT-B-16"
+            )
+        if getattr(visual, "attn_pool", None) is not None:
+            raise RfclipError("CLIP models with an attentional pooler (CoCa) are not supported; choose a plain CLIP ViT")
+        self.visual = visual
+        self.blocks = list(visual.transformer.resblocks)
+        attn = self.blocks[0].attn
+        if not isinstance(attn, nn.MultiheadAttention):
+            raise RfclipError(
+                f"unsupported attention module {type(attn).__name__} in the image encoder; choose an OpenAI/LAION CLIP ViT"
+            )
+        self.num_layers = len(self.blocks)
+        self.num_heads = attn.num_heads
+        self.width = attn.embed_dim
+        self.head_dim = self.width // self.num_heads
+        patch = visual.conv1.kernel_size
+        self.patch_size = (int(patch[0]), int(patch[1]))
+        n_pos = visual.positional_embedding.shape[0] - 1
+        side = int(round(n_pos**0.5))
+        self.native_grid = tuple(getattr(visual, "grid_size", (side, side)))
+        self._pos_cache: dict[tuple[int, int, torch.device], Tensor] = {}
+
+    # ------------------------------------------------------------------ pieces of the forward
+    def positional_embedding(self, grid: tuple[int, int], device: torch.device) -> Tensor:
+        """Positional embedding for a patch grid; bicubic interpolation for non-native grids. Returns (1+N, C).
+
+        Interpolation uses ``scale_factor=(h + 0.1) / h0`` rather than ``size`` because the SCLIP/NACLIP reference
+        code does (the sampling coordinates differ slightly); it runs in fp32 and is cached per grid.
+        """
+        key = (grid[0], grid[1], device)
+        cached = self._pos_cache.get(key)
+        if cached is not None:
+            return cached
+        pos = self.visual.positional_embedding.float()
+        if tuple(grid) == tuple(self.native_grid):
+            out = pos
+        else:
+            h0, w0 = self.native_grid
+            cls_pos, patch_pos = pos[:1], pos[1:]
+            patch_pos = patch_pos.reshape(1, h0, w0, -1).permute(0, 3, 1, 2)  # (1, C, h0, w0)
+            patch_pos = F.interpolate(
+                patch_pos,
+                scale_factor=((grid[0] + 0.1) / h0, (grid[1] + 0.1) / w0),
+                mode="bicubic",
+                align_corners=False,
+                recompute_scale_factor=False,
+            )
+            if patch_pos.shape[-2:] != tuple(grid):  # guard against rounding of the scale factor
+                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+            out = torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)[0]], dim=0)
+        out = out.to(device)
+        if len(self._pos_cache) > 32:
+            self._pos_cache.clear()
+        self._pos_cache[key] = out
+        return out
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Patch embedding + CLS + positional embedding + ln_pre. Returns x (B, 1+N, C) and the grid (h, w)."""
+        v = self.visual
+        x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, C, h, w); the remainder of sides not divisible is dropped
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + self.positional_embedding(grid, x.device).to(x.dtype)
+        return v.ln_pre(x), grid
+
+    def qkv(self, block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of a block from its pre-LN input x (B, T, C). Each (B, H, T, dh)."""
+        attn = block.attn
+        z = block.ln_1(x)
+        qkv = F.linear(z, attn.in_proj_weight, attn.in_proj_bias)  # (B, T, 3C)
+        B, T, _ = qkv.shape
+        qkv = qkv.reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def attention_output(self, block: nn.Module, weights: Tensor | None, values: Tensor, q: Tensor | None = None,
+                         k: Tensor | None = None) -> Tensor:
+        """``out_proj(concat_h(A_h V_h))``; with ``weights=None`` plain softmax(q k^T) attention via SDPA."""
+        if weights is None:
+            out = F.scaled_dot_product_attention(q, k, values)  # (B, H, T, dh)
+        else:
+            out = torch.matmul(weights.to(values.dtype), values)  # (B, H, T', dh); weights may be shared by heads
+        B, H, T, dh = out.shape
+        out = out.transpose(1, 2).reshape(B, T, H * dh)
+        return block.attn.out_proj(out)
+
+    def to_text_space(self, y: Tensor) -> Tensor:
+        """``ln_post(y) @ proj`` (not normalised): tokens (…, C) -> (…, D)."""
+        y = self.visual.ln_post(y)
+        proj = self.visual.proj
+        return y @ proj.to(y.dtype) if proj is not None else y
+
+    # ------------------------------------------------------------------ the forward
+    def forward(self, images: Tensor, method: "Method", text_features: Tensor | None = None,
+                record: dict[str, Any] | None = None) -> tuple[Tensor, tuple[int, int]]:
+        """Dense features of crops ``images`` (B, 3, H, W).
+
+        Returns ``(features, grid)``: features (B, h*w, D) L2-normalised patch embeddings in the text space, in
+        raster order over ``grid`` = (h, w) (the CLIP grid, or the method's own grid, e.g. ProxyCLIP's VFM grid).
+        """
+        x, grid = self.embed(images)
+        ctx = ForwardContext(encoder=self, images=images, grid=grid, text_features=text_features, record=record)
+        method.begin(ctx)
+        last = self.num_layers - 1
+        for layer, block in enumerate(self.blocks):
+            x = method.layer_input(ctx, layer, x)
+            q, k, v = self.qkv(block, x)
+            if layer < last:
+                weights = method.attention(ctx, layer, q, k, v)
+                x = x + block.ls_1(self.attention_output(block, weights, v, q, k))
+                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+                continue
+            final = method.final_attention(ctx, q, k, v)
+            values = v if final.values is None else final.values
+            y = block.ls_1(self.attention_output(block, final.weights, values, q, k))
+            if final.keep_residual:
+                if final.values is not None and final.values.shape[2] != x.shape[1]:
+                    raise ValueError("the residual can only be kept on the CLIP token grid")
+                y = x + y
+                y = y + block.ls_2(block.mlp(block.ln_2(y)))
+            x = y
+            if final.grid is not None:
+                grid = final.grid
+            if final.has_cls:
+                x = x[:, 1:]
+        features = F.normalize(self.to_text_space(x).float(), dim=-1)  # (B, N, D)
+        return features, grid

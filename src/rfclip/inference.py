@@ -1,0 +1,238 @@
+"""Image-level inference: loading, resizing, batched sliding window, post-processing.
+
+The reference code (SCLIP/NACLIP/RF-CLIP) runs every sliding-window crop through the ViT one at a time. Here
+all crops of all images in a call are grouped by shape and run in chunks of ``batch_size`` crops per forward;
+overlapping crop logits are averaged exactly as in the mmseg-style reference (raw cosine logits, before softmax).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, fields
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from .constants import (CLIP_MEAN, CLIP_STD, LOGIT_SCALE, LONG_SIDE_CAP, PAMR_DILATIONS, PAMR_STEPS, SHORT_SIDE,
+                        SLIDE_CROP, SLIDE_STRIDE)
+from .errors import RfclipError
+from .text import TextQueries
+
+
+@dataclass
+class InferenceConfig:
+    """Image-level settings. Defaults: the RF-CLIP / SCLIP / NACLIP sliding-window protocol (protocol.md §4)."""
+
+    short_side: int | None = SHORT_SIDE  # resize so the short side is this (long side capped at 2048); None/0: keep
+    slide_crop: int = SLIDE_CROP  # sliding-window crop; 0 = whole image in one forward
+    slide_stride: int = SLIDE_STRIDE
+    logit_scale: float = LOGIT_SCALE  # softmax temperature over queries
+    prob_thd: float = 0.0  # pixels whose best class probability is below this become `background_class`
+    background_class: int = 0
+    area_thd: float | None = None  # SCLIP's VOC21 small-region suppression (None = off)
+    pamr: bool = False
+    pamr_steps: int = PAMR_STEPS
+    pamr_dilations: tuple[int, ...] = PAMR_DILATIONS
+    batch_size: int = 64  # crops per forward (bounds memory on large images)
+    precision: str = "auto"  # "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU) | "fp32" | "bf16" | "fp16"
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+# ------------------------------------------------------------------------------------------- images in
+def load_image(image) -> np.ndarray:
+    """A path, PIL image or H x W (x 1/3/4) uint8 array -> H x W x 3 uint8 RGB.
+
+    EXIF orientation is applied; grayscale, palette and RGBA inputs become RGB (alpha is dropped).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise RfclipError(f"image not found: {path}; check the path")
+        try:
+            with Image.open(path) as pil:
+                pil.load()
+                return _pil_to_rgb(pil)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise RfclipError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                              "give a valid JPEG/PNG/WebP/... file") from None
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise RfclipError(f"image array must be H x W x 3 (or 1/4 channels), got shape {image.shape}")
+        if arr.dtype != np.uint8:
+            raise RfclipError(f"image array must be uint8 (0-255), got {arr.dtype}; convert with (x * 255).astype(np.uint8)")
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        return np.ascontiguousarray(arr[..., :3])
+    raise RfclipError(f"unsupported image type {type(image).__name__}; give a path, a PIL image or an H x W x 3 uint8 array")
+
+
+def _pil_to_rgb(pil: Image.Image) -> np.ndarray:
+    pil = ImageOps.exif_transpose(pil)
+    if pil.mode in ("RGBA", "LA") or (pil.mode == "P" and "transparency" in pil.info):
+        pil = pil.convert("RGBA").convert("RGB")  # drop alpha; a white composite would invent colours
+    elif pil.mode != "RGB":
+        pil = pil.convert("RGB")
+    return np.asarray(pil, dtype=np.uint8).copy()
+
+
+def rescale_size(height: int, width: int, short_side: int | None, long_cap: int = LONG_SIDE_CAP) -> tuple[int, int]:
+    """mmcv ``Resize(scale=(long_cap, short_side), keep_ratio=True)``: the short side becomes ``short_side``
+    unless the long side would pass ``long_cap``; sizes round with ``int(x + 0.5)``."""
+    if not short_side:
+        return height, width
+    scale = min(long_cap / max(height, width), short_side / min(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def preprocess(image: np.ndarray, short_side: int | None, device=None) -> Tensor:
+    """uint8 H x W x 3 -> resized, CLIP-normalised (3, h, w) fp32 tensor (bilinear, as mmcv/cv2)."""
+    x = torch.from_numpy(image).to(device).permute(2, 0, 1).float()[None]  # (1, 3, H, W) in 0..255
+    size = rescale_size(x.shape[-2], x.shape[-1], short_side)
+    if size != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1) * 255
+    return ((x - mean) / std)[0]
+
+
+# ------------------------------------------------------------------------------------------- dense logits
+def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """mmseg-style windows ``(y1, y2, x1, x2)``: the last window is shifted back inside the image, no padding;
+    an image smaller than the crop gives one smaller crop. ``crop=0`` is one window over the whole image."""
+    if crop <= 0:
+        return [(0, height, 0, width)]
+    if stride <= 0:
+        raise RfclipError(f"slide_stride must be positive, got {stride}")
+    h_grids = max(height - crop + stride - 1, 0) // stride + 1
+    w_grids = max(width - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for i in range(h_grids):
+        for j in range(w_grids):
+            y2 = min(i * stride + crop, height)
+            x2 = min(j * stride + crop, width)
+            windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return windows
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = run in fp32)."""
+    precision = precision.lower()
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise RfclipError(f"unknown precision '{precision}'; choose auto, fp32, bf16 or fp16")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+_UPSAMPLE_BUDGET = 1 << 26  # elements of upsampled crop logits held at once (256 MB in fp32)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start:start + size]
+
+
+def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, crop: int, stride: int,
+                 batch_size: int = 64, amp_dtype: torch.dtype | None = None) -> list[Tensor]:
+    """Cosine logits per query for preprocessed images, averaged over sliding-window crops.
+
+    ``images``: list of (3, H_i, W_i) normalised tensors. Crops of all images are grouped by shape and run
+    ``batch_size`` at a time. Returns a list of (Q, H_i, W_i) fp32 tensors (before softmax).
+    """
+    device = images[0].device
+    text_features = text.features.to(device=device, dtype=torch.float32)  # (Q, D)
+    canvases = [torch.zeros(text_features.shape[0], *img.shape[-2:], device=device) for img in images]
+    counts = [torch.zeros(1, *img.shape[-2:], device=device) for img in images]
+    by_shape: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int]]]] = {}
+    for idx, img in enumerate(images):
+        for win in sliding_windows(img.shape[-2], img.shape[-1], crop, stride):
+            by_shape.setdefault((win[1] - win[0], win[3] - win[2]), []).append((idx, win))
+    needs_text = getattr(method, "needs_text_in_forward", False)
+    for shape, crops in by_shape.items():
+        for chunk in _chunks(crops, batch_size):
+            batch = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])  # (B, 3, h, w)
+            with (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()):
+                features, grid = encoder(batch, method, text_features=text_features if needs_text else None)
+            logits = features.float() @ text_features.T  # (B, N, Q)
+            logits = logits.transpose(1, 2).reshape(len(chunk), -1, *grid)  # (B, Q, h_p, w_p)
+            # Upsample a few crops at a time: B x Q x crop x crop at once can take GBs (171 classes, 64 crops).
+            per_step = max(1, _UPSAMPLE_BUDGET // (logits.shape[1] * shape[0] * shape[1]))
+            for start in range(0, len(chunk), per_step):
+                up = F.interpolate(logits[start:start + per_step], size=shape, mode="bilinear", align_corners=False)
+                for crop_logits, (i, (y1, y2, x1, x2)) in zip(up, chunk[start:start + per_step]):
+                    canvases[i][:, y1:y2, x1:x2] += crop_logits
+                    counts[i][:, y1:y2, x1:x2] += 1
+    return [canvas / count for canvas, count in zip(canvases, counts)]
+
+
+# ------------------------------------------------------------------------------------------- post-processing
+def class_probabilities(logits: Tensor, text: TextQueries, logit_scale: float, rows_per_chunk: int = 256) -> Tensor:
+    """``softmax_q(logit_scale * logits)`` then the max over each class's synonyms.
+
+    ``logits`` (Q, H, W) -> (C, H, W) fp32. Rows are processed in chunks so that large images stay within memory.
+    """
+    Q, H, W = logits.shape
+    C = text.num_classes
+    query_class = text.query_class.to(logits.device)
+    plain = Q == C and bool((query_class == torch.arange(C, device=logits.device)).all())
+    probs = torch.empty(C, H, W, dtype=torch.float32, device=logits.device)
+    for y in range(0, H, rows_per_chunk):
+        p = (logits[:, y:y + rows_per_chunk].float() * logit_scale).softmax(dim=0)  # (Q, h, W)
+        if not plain:
+            out = torch.zeros(C, *p.shape[1:], device=p.device)
+            p = out.scatter_reduce(0, query_class.view(Q, 1, 1).expand_as(p), p, reduce="amax", include_self=False)
+        probs[:, y:y + rows_per_chunk] = p
+    return probs
+
+
+def suppress_small_areas(probs: Tensor, area_thd: float) -> Tensor:
+    """SCLIP's VOC21 rule: a foreground class predicted on at most ``area_thd`` of the foreground pixels gets
+    probability 0 everywhere. ``probs`` (C, H, W), changed in place and returned."""
+    pred = probs.argmax(0)
+    areas = torch.bincount(pred.flatten(), minlength=probs.shape[0]).float()
+    foreground = areas[1:].sum()
+    for c in range(1, probs.shape[0]):
+        if areas[c] <= area_thd * foreground:
+            probs[c] = 0
+    return probs
+
+
+def postprocess(logits: Tensor, text: TextQueries, cfg: InferenceConfig, out_size: tuple[int, int],
+                guide: Tensor | None = None, return_probs: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Averaged logits (Q, h, w) at the resized resolution -> mask (H, W) long and probs (C, H, W) at ``out_size``.
+
+    Steps (protocol §4.5): bilinear resize to the original size; optional PAMR guided by the normalised image;
+    softmax over queries with ``logit_scale``; max over synonyms; optional ``area_thd``; argmax; pixels whose best
+    probability is below ``prob_thd`` become ``background_class``.
+    """
+    logits = F.interpolate(logits[None].float(), size=out_size, mode="bilinear", align_corners=False)[0]
+    if cfg.pamr:
+        from .pamr import pamr
+
+        if guide is None:
+            raise ValueError("PAMR needs the guidance image")
+        guide = F.interpolate(guide[None].float(), size=out_size, mode="bilinear", align_corners=False)
+        logits = pamr(guide, logits[None], num_iter=cfg.pamr_steps, dilations=tuple(cfg.pamr_dilations))[0]
+    probs = class_probabilities(logits, text, cfg.logit_scale)
+    del logits
+    if cfg.area_thd is not None:
+        probs = suppress_small_areas(probs, cfg.area_thd)
+    best, mask = probs.max(dim=0)
+    if cfg.prob_thd > 0:
+        mask[best < cfg.prob_thd] = cfg.background_class
+    return mask, (probs if return_probs else None)

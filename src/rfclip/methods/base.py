@@ -1,0 +1,138 @@
+"""The hook interface every method implements, and the registry of methods by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+from torch import Tensor
+
+from ..dense import FinalAttention, ForwardContext, softmax_attention
+from ..errors import RfclipError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.loading import ClipModel
+
+
+@dataclasses.dataclass
+class Method:
+    """Per-layer hooks called by :class:`rfclip.dense.DenseCLIP`. The defaults are vanilla CLIP.
+
+    Subclasses are dataclasses: their fields are the method's options (``Segmenter(method="naclip",
+    gaussian_std=3)``), with the paper's values as defaults.
+    """
+
+    name: ClassVar[str] = "clip"
+    description: ClassVar[str] = "vanilla CLIP: unmodified last block, patch tokens through ln_post and proj"
+    reduced_last_block: ClassVar[bool] = False  # drop the last block's residual and FFN (ClearCLIP's finding)
+
+    def prepare(self, clip: "ClipModel") -> None:
+        """Called once with the loaded model, before any forward (check backbone-specific needs here)."""
+
+    def begin(self, ctx: ForwardContext) -> None:
+        """Called at the start of every forward."""
+
+    def layer_input(self, ctx: ForwardContext, layer: int, x: Tensor) -> Tensor:
+        """The residual stream entering ``layer``: x (B, 1+N, C), pre-LN. Return it (changed or not)."""
+        return x
+
+    def attention(self, ctx: ForwardContext, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        """Attention weights (B, H, T, T) of ``layer``, or None for CLIP's own softmax(q k^T / sqrt(dh))."""
+        return None
+
+    def final_attention(self, ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor) -> FinalAttention:
+        """How the last block attends. Default: this method's ``attention`` on the last layer."""
+        weights = self.attention(ctx, ctx.num_layers - 1, q, k, v)
+        return FinalAttention(weights=weights, keep_residual=not self.reduced_last_block)
+
+    @property
+    def needs_text_in_forward(self) -> bool:
+        """True when the forward needs the text embeddings (FSA's feedback)."""
+        return False
+
+    def options(self) -> dict:
+        """The method's option values."""
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+def qk_attention(ctx: ForwardContext, q: Tensor, k: Tensor) -> Tensor:
+    """CLIP's own attention softmax(q k^T / sqrt(dh)), explicit. Returns (B, H, T, T) fp32."""
+    return softmax_attention(q, k, ctx.scale)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+METHODS: dict[str, type[Method]] = {}
+PLUGINS: dict[str, Callable[..., Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def register_plugin(name: str):
+    def wrap(factory):
+        PLUGINS[name] = factory
+        return factory
+
+    return wrap
+
+
+def _option_names(cls) -> set[str]:
+    """A method's option names: its dataclass fields (a plugin's ``base`` field is the wrapped method, not an option)."""
+    if not dataclasses.is_dataclass(cls):
+        return set()
+    return {f.name for f in dataclasses.fields(cls) if f.name != "base"}
+
+
+def parse_method_spec(spec: str, plugins: tuple[str, ...] | list[str] = ()) -> tuple[str, list[str]]:
+    """``"naclip+fsa"`` -> ``("naclip", ["fsa"])``; explicit ``plugins`` are appended."""
+    parts = [p.strip().lower() for p in str(spec).split("+") if p.strip()]
+    if not parts:
+        raise RfclipError("empty method name; choose one of: " + ", ".join(sorted(METHODS)))
+    base, extra = parts[0], parts[1:] + [p.lower() for p in plugins]
+    return base, extra
+
+
+def method_option_names(spec: str, plugins=()) -> set[str]:
+    """All option names accepted by a method spec (base + plugins)."""
+    base, extra = parse_method_spec(spec, plugins)
+    _check_names(base, extra)
+    names = _option_names(METHODS[base])
+    for plugin in extra:
+        names |= _option_names(PLUGINS[plugin])
+    return names
+
+
+def _check_names(base: str, plugins: list[str]) -> None:
+    if base not in METHODS:
+        known = ", ".join(sorted(METHODS))
+        raise RfclipError(f"unknown method '{base}'; choose one of: {known} (plugins: +{', +'.join(sorted(PLUGINS))})")
+    for plugin in plugins:
+        if plugin not in PLUGINS:
+            raise RfclipError(f"unknown plugin '{plugin}'; available plugins: {', '.join(sorted(PLUGINS)) or 'none'}")
+
+
+def build_method(spec: str, plugins=(), **options) -> Method:
+    """Build a method from its name (``"rfclip"``, ``"naclip+fsa"``) and options.
+
+    Options are routed to the base method or the plugin that declares them; an option nobody declares is an
+    error naming the valid ones.
+    """
+    base, extra = parse_method_spec(spec, plugins)
+    _check_names(base, extra)
+    base_cls = METHODS[base]
+    base_names = _option_names(base_cls)
+    plugin_names = {p: _option_names(PLUGINS[p]) for p in extra}
+    known = set(base_names).union(*plugin_names.values()) if plugin_names else set(base_names)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        valid = ", ".join(sorted(known)) or "none"
+        raise RfclipError(f"unknown option(s) {', '.join(unknown)} for method '{spec}'; valid options: {valid}")
+    try:
+        method = base_cls(**{k: v for k, v in options.items() if k in base_names})
+        for plugin in extra:
+            method = PLUGINS[plugin](method, **{k: v for k, v in options.items() if k in plugin_names[plugin]})
+    except (TypeError, ValueError) as err:
+        raise RfclipError(f"bad option for method '{spec}': {err}") from None
+    return method
