@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..errors import RfclipError, WeightsNotFoundError
+from .hub import offline_requested, reachable
 
 DEFAULT_VFM = "vit_base_patch8_224.dino"  # ProxyCLIP's and FSA's default: DINO ViT-B/8
 
@@ -43,7 +44,6 @@ VFM_ALIASES = {
 }
 
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
-_PROBE_TIMEOUT_S = 3.0
 _ETAG_TIMEOUT_S = 10.0
 
 
@@ -132,29 +132,6 @@ def _hub_cache_dir() -> str:
         return os.path.expanduser("~/.cache/huggingface/hub")
 
 
-def _offline_requested() -> bool:
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return True
-    return False
-
-
-def _reachable(url: str, timeout: float = _PROBE_TIMEOUT_S) -> bool:
-    try:
-        from .hub import reachable  # the CLIP loader's probe (proxy-aware, bounded DNS time)
-
-        return reachable(url, timeout)
-    except ImportError:  # pragma: no cover - fallback: plain bounded connection attempt
-        import socket
-
-        parts = urllib.parse.urlsplit(url)
-        try:
-            with socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout):
-                return True
-        except OSError:
-            return False
-
-
 def cached_vfm_weights(name: str) -> str | None:
     """A local weights file for timm model ``name`` already in the HF hub cache or torch.hub's checkpoints."""
     import timm
@@ -196,7 +173,7 @@ def _download(name: str) -> str:
     hint = f"pass --vfm-checkpoint FILE (vfm_checkpoint=) with a local copy of the {name} weights"
     if not hf_id:
         raise WeightsNotFoundError(f"timm has no Hugging Face weights for VFM {name}; {hint}")
-    if _offline_requested():
+    if offline_requested():
         raise WeightsNotFoundError(f"weights of VFM {name} are not in the local cache and HF_HUB_OFFLINE is set; {hint}")
     try:
         from huggingface_hub import constants, hf_hub_download
@@ -204,7 +181,7 @@ def _download(name: str) -> str:
         endpoint = constants.ENDPOINT
     except Exception:  # pragma: no cover
         raise WeightsNotFoundError(f"weights of VFM {name} are not cached and huggingface_hub is missing; {hint}") from None
-    if not _reachable(endpoint):
+    if not reachable(endpoint):
         host = urllib.parse.urlsplit(endpoint).hostname
         raise WeightsNotFoundError(f"weights of VFM {name} are not in the local cache and {host} is unreachable; {hint}")
     repo = hf_id.split("@")[0]

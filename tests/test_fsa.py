@@ -1,0 +1,330 @@
+"""FSA: every step against an independent few-line computation, the off switch, every base end to end, numerics.
+
+Random weights: these tests check the mechanics (formulas, batching, precision), not accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+import rfclip.methods.fsa as fsa_mod
+from rfclip.constants import FSA_LAMBDA
+from rfclip.dense import DenseCLIP
+from rfclip.errors import RfclipError
+from rfclip.methods import METHODS, build_method
+from rfclip.methods.fsa import (FSA, adaptation_ensemble, default_lambda, feedback_attention, feedback_from_log_probs,
+                                isolated_log_probs, kl_matrix, nucleus_mask)
+from rfclip.methods.naclip import neighbourhood_prior
+from rfclip.methods.proxyclip import ProxyCLIP
+from rfclip.segmenter import Segmenter
+
+BASES = ["clip", "maskclip", "sclip", "clearclip", "naclip", "kk", "proxyclip", "rfclip"]
+
+
+def tiny_vfm(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    args = dict(img_size=224, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True)
+    args.update(kw)
+    return VisionTransformer(**args).eval()
+
+
+@pytest.fixture(scope="module")
+def vfm():
+    return tiny_vfm()
+
+
+def base_options(base, vfm):
+    if base == "proxyclip":
+        return {"vfm": vfm}
+    if base == "rfclip":  # a random model has no calibrated distraction dimensions
+        return {"distraction_dims": [3, 17, 40]}
+    return {}
+
+
+FAST = dict(text_cache=False, device="cpu", templates=["a photo of a {}."], short_side=None)  # one crop, one template
+
+
+def skip_unregistered(base):
+    if base not in METHODS:
+        pytest.skip(f"method {base} is not registered")
+
+
+# ------------------------------------------------------------------------------------------------ references
+def kl_direct(p):
+    """KL(P_i || P_j) by its definition, a (N, N, Q) tensor (small N only)."""
+    logp = p.log()
+    return (p[:, None, :] * (logp[:, None, :] - logp[None, :, :])).sum(-1).clamp_min(0)
+
+
+def nucleus_loop(row, mass=0.45):
+    """§3.4 with a plain loop over the sorted positions."""
+    row = [float(x) for x in row.tolist()]
+    order = sorted(range(len(row)), key=lambda j: -row[j])
+    total = sum(math.exp(x) for x in row)
+    keep, cum = set(), 0.0
+    for pos, j in enumerate(order):
+        cum += math.exp(row[j]) / total
+        if cum <= mass or pos == 0:
+            keep.add(j)
+        else:
+            break
+    return keep
+
+
+def reference_feedback(logp, lam, mass=0.45):
+    """A_fb of one crop from the direct KL and the loop pruning."""
+    S = 1.0 / (1.0 + kl_direct(logp.exp().double()).float())
+    A = torch.zeros_like(S)
+    for i in range(S.shape[0]):
+        keep = sorted(nucleus_loop(S[i], mass))
+        ell = S[i, keep] * torch.exp(lam * S[i, keep])
+        A[i, keep] = torch.softmax(ell, dim=0)
+    return A
+
+
+def reference_ensemble(a_fb, A, has_cls, c):
+    """Per-head loop with the block-diagonal CLS extension."""
+    N = a_fb.shape[0]
+    ext = torch.block_diag(torch.ones(1, 1), a_fb) if has_cls else a_fb
+    return torch.stack([(ext @ A[h] + A[h] @ ext + c * ext) / 3 for h in range(A.shape[0])])
+
+
+# ------------------------------------------------------------------------------------------------ single steps
+def test_kl_matrix_product_form_equals_definition():
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(2, 9, 6) * 3, dim=-1)
+    got = kl_matrix(logp)
+    for b in range(2):
+        torch.testing.assert_close(got[b], kl_direct(logp[b].exp()), atol=1e-5, rtol=1e-5)
+    assert torch.all(got.diagonal(dim1=1, dim2=2).abs() < 1e-5)
+    # rows against other columns (the row-block form used for memory)
+    torch.testing.assert_close(kl_matrix(logp[:, 3:5], logp), got[:, 3:5])
+
+
+def test_nucleus_pruning_matches_loop():
+    torch.manual_seed(1)
+    S = torch.rand(2, 40, 40) * 0.9
+    S.diagonal(dim1=1, dim2=2).fill_(1.0)
+    mask = nucleus_mask(S, 0.45)
+    for b in range(2):
+        for i in range(40):
+            assert set(torch.nonzero(mask[b, i]).flatten().tolist()) == nucleus_loop(S[b, i], 0.45)
+    frac = mask.float().mean().item()
+    assert 0.17 <= frac <= 0.5
+    # a row whose largest entry alone exceeds the mass still keeps it
+    row = torch.tensor([[[50.0, 0.0, 0.0]]])
+    assert nucleus_mask(row).tolist() == [[[True, False, False]]]
+
+
+def test_feedback_attention_matches_reference():
+    torch.manual_seed(2)
+    logp = torch.log_softmax(torch.randn(3, 12, 5) * 2, dim=-1)
+    a_fb, kept = feedback_from_log_probs(logp, lam=3.0, block_elements=3 * 12 * 5)  # several row blocks
+    for b in range(3):
+        torch.testing.assert_close(a_fb[b], reference_feedback(logp[b], 3.0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a_fb.sum(-1), torch.ones(3, 12))
+    assert torch.all(a_fb.argmax(-1) == torch.arange(12))  # the query itself (KL = 0) gets the largest weight
+    assert kept.shape == (3,) and torch.all((kept > 0) & (kept <= 1))
+    # the single-block path gives the same result
+    torch.testing.assert_close(feedback_from_log_probs(logp, lam=3.0)[0], a_fb)
+
+
+@pytest.mark.parametrize("has_cls,c", [(True, 1.0), (True, 2.0), (False, 1.0)])
+def test_adaptation_ensemble_matches_loop(has_cls, c):
+    torch.manual_seed(3)
+    B, H, N = 2, 3, 7
+    T = N + has_cls
+    a_fb = torch.softmax(torch.randn(B, N, N), -1)
+    A = c * torch.softmax(torch.randn(B, H, T, T), -1)
+    got = adaptation_ensemble(a_fb, A, has_cls, torch.full((B,), c))
+    for b in range(B):
+        torch.testing.assert_close(got[b], reference_ensemble(a_fb[b], A[b], has_cls, c))
+    torch.testing.assert_close(got.sum(-1), torch.full((B, H, T), c))  # the base's row sums are kept
+    shared = adaptation_ensemble(a_fb, A[:, :1], has_cls, c)  # head-shared base attention
+    torch.testing.assert_close(shared, got[:, :1])
+
+
+def test_isolated_log_probs_definition():
+    torch.manual_seed(4)
+    f = F.normalize(torch.randn(2, 5, 8), dim=-1)
+    u = F.normalize(torch.randn(2, 8), dim=-1)
+    t = F.normalize(torch.randn(4, 8), dim=-1)
+    want = torch.log_softmax(20 * f @ t.T - 35 * (u @ t.T)[:, None], dim=-1)
+    torch.testing.assert_close(isolated_log_probs(f, u, t), want)
+
+
+# ------------------------------------------------------------------------------------------------ inside the forward
+class Capture:
+    """Wraps a method to keep the last block's q, k, v and the first-pass attention."""
+
+    def __init__(self, method):
+        self.method = method
+        self.seen = {}
+
+    def __getattr__(self, item):
+        return getattr(self.method, item)
+
+    def final_attention(self, ctx, q, k, v):
+        self.seen.update(q=q, k=k, v=v)
+        out = self.method.final_attention(ctx, q, k, v)
+        self.seen["final"] = out
+        return out
+
+
+@pytest.mark.parametrize("base", ["naclip", "sclip", "clip"])
+def test_fsa_last_block_against_independent_computation(tiny_clip, base, monkeypatch):
+    """Isolation (uniform baseline), feedback attention and ensemble of a +fsa forward, recomputed per crop."""
+    visual = tiny_clip.model.visual
+    block = visual.transformer.resblocks[-1]
+    encoder = DenseCLIP(visual)
+    text = F.normalize(torch.randn(5, visual.output_dim, generator=torch.Generator().manual_seed(5)), dim=-1)
+    images = torch.randn(2, 3, 224, 160, generator=torch.Generator().manual_seed(6))
+    seen_logp = {}
+    real = fsa_mod.feedback_from_log_probs
+
+    def spy(log_p, lam):
+        seen_logp["lp"] = log_p
+        return real(log_p, lam)
+
+    monkeypatch.setattr(fsa_mod, "feedback_from_log_probs", spy)
+    method = Capture(build_method(base + "+fsa"))
+    encoder(images, method, text_features=text)
+    q, k, v = (method.seen[n] for n in "qkv")
+    s = q.shape[-1] ** -0.5
+    sm = lambda a, b: torch.softmax(s * a @ b.transpose(-1, -2), dim=-1)  # noqa: E731
+    if base == "naclip":
+        A = torch.softmax(s * k @ k.transpose(-1, -2) + neighbourhood_prior((14, 10), 5.0), dim=-1)
+    elif base == "sclip":
+        A = sm(q, q) + sm(k, k)
+    else:
+        A = sm(q, k)
+    c = 2.0 if base == "sclip" else 1.0
+    for b in range(2):
+        Ab, vb = A[b], v[b]  # (H, T, T), (H, T, dh)
+        H, T, dh = vb.shape
+        out = lambda att, val: block.attn.out_proj((att @ val).transpose(0, 1).reshape(att.shape[1], H * dh))  # noqa
+        phi = lambda y: F.normalize(visual.ln_post(y) @ visual.proj, dim=-1)  # noqa: E731
+        f_patch = phi(out(Ab, vb))[1:]
+        U = torch.full((1, T - 1), c / (T - 1))  # uniform over the patch tokens (row sum of the base)
+        f_uni = phi(out(U.expand(H, 1, T - 1), vb[:, 1:]))[0]
+        logp = torch.log_softmax(20 * f_patch @ text.T - 35 * f_uni @ text.T, dim=-1)
+        torch.testing.assert_close(seen_logp["lp"][b], logp, atol=2e-5, rtol=1e-4)
+        a_fb = reference_feedback(logp, FSA_LAMBDA["default"])
+        want = reference_ensemble(a_fb, Ab, True, c)
+        torch.testing.assert_close(method.seen["final"].weights[b], want, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_fsa_off_is_exactly_the_base(tiny_clip, random_image, vfm, base):
+    skip_unregistered(base)
+    opts = base_options(base, vfm)
+    plain = Segmenter(tiny_clip, method=base, **FAST, **opts)
+    off = Segmenter(tiny_clip, method=base + "+fsa", fsa=False, **FAST, **opts)
+    on = Segmenter(tiny_clip, method=base, plugins=["fsa"], **FAST, **opts)
+    assert not off.method.needs_text_in_forward and on.method.needs_text_in_forward
+    text = plain.encode_classes("cat,kitty;dog;grass;sky")
+    (m0, p0), = plain.predict([random_image], text)
+    (m1, p1), = off.predict([random_image], text)
+    (m2, p2), = on.predict([random_image], text)
+    assert torch.equal(p0, p1) and torch.equal(m0, m1)
+    assert p2.shape == p0.shape and torch.isfinite(p2).all()
+    assert not torch.equal(p0, p2)  # FSA on changes the prediction
+    assert on.method.name == base + "+fsa"
+
+
+def test_lambda_zero_is_not_the_identity(tiny_clip):
+    images = torch.randn(1, 3, 224, 224)
+    text = F.normalize(torch.randn(3, tiny_clip.model.visual.output_dim), dim=-1)
+    enc = DenseCLIP(tiny_clip.model.visual)
+    base = enc(images, build_method("naclip"))[0]
+    lam0 = enc(images, build_method("naclip+fsa", fsa_lambda=0), text_features=text)[0]
+    assert not torch.allclose(base, lam0)
+
+
+def test_batched_crops_equal_single_crops(tiny_clip, vfm):
+    images = torch.randn(3, 3, 160, 128)
+    text = F.normalize(torch.randn(4, tiny_clip.model.visual.output_dim), dim=-1)
+    enc = DenseCLIP(tiny_clip.model.visual)
+    for spec, opts in (("sclip+fsa", {}), ("proxyclip+fsa", {"vfm": vfm})):
+        method = build_method(spec, **opts)
+        batched = enc(images, method, text_features=text)[0]
+        single = torch.cat([enc(images[i:i + 1], method, text_features=text)[0] for i in range(3)])
+        # rounding differs between batch sizes; a key at the exact pruning threshold may flip, hence the tolerance
+        torch.testing.assert_close(batched, single, atol=5e-4, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ options
+def test_lambda_defaults_and_options(tiny_clip):
+    assert build_method("naclip+fsa").lam == FSA_LAMBDA["default"] == 3.0
+    assert build_method("naclip+fsa", fsa_lambda=1.5).lam == 1.5
+    assert default_lambda(ProxyCLIP(vfm="mae")) == FSA_LAMBDA["mae"] == 4.5
+    assert default_lambda(ProxyCLIP(vfm="vit_base_patch14_reg4_dinov2.lvd142m")) == 3.0
+    assert default_lambda(build_method("naclip"), width=1280) == FSA_LAMBDA["vit_h"] == 2.3
+
+    class FakeH:
+        name = "ViT-H-14"
+        model = tiny_clip.model
+
+    m = build_method("clearclip+fsa")
+    m.prepare(FakeH)
+    assert m.lam == 2.3
+    with pytest.raises(RfclipError, match="fsa_lambda"):
+        build_method("naclip+fsa", fsa_lambda=-1)
+    with pytest.raises(RfclipError, match="unknown option"):
+        build_method("naclip+fsa", fsa_mass=0.3)
+    m = build_method("naclip", plugins=["fsa"], gaussian_std=3.0, fsa_lambda=2.0)
+    assert isinstance(m, FSA) and m.base.gaussian_std == 3.0 and m.gaussian_std == 3.0
+    assert m.options() == {"gaussian_std": 3.0, "fsa": True, "fsa_lambda": 2.0}
+    assert m.reduced_last_block and "FSA" in m.description
+
+
+def test_needs_text(tiny_clip):
+    enc = DenseCLIP(tiny_clip.model.visual)
+    with pytest.raises(RfclipError, match="text"):
+        enc(torch.randn(1, 3, 64, 64), build_method("naclip+fsa"))
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_underflow_gives_no_nan(dtype):
+    """Logits spanning hundreds of units: probabilities underflow, yet the fp32 block stays finite."""
+    torch.manual_seed(7)
+    B, N, Q, D = 2, 30, 6, 16
+    f = (torch.randn(B, N, D) * 20).to(dtype)  # not normalised on purpose: |logits| in the hundreds
+    u = (torch.randn(B, D) * 20).to(dtype)
+    t = torch.randn(Q, D).to(dtype)
+    logp = isolated_log_probs(f, u, t)
+    assert logp.dtype == torch.float32 and torch.isfinite(logp).all()
+    assert (logp.exp() == 0).any()  # some probabilities really underflow
+    a_fb, kept = feedback_from_log_probs(logp.to(dtype), 3.0)
+    assert torch.isfinite(a_fb).all() and torch.isfinite(kept).all()
+    torch.testing.assert_close(a_fb.sum(-1), torch.ones(B, N))
+    base = torch.softmax(torch.randn(B, 4, N + 1, N + 1), -1).to(dtype)
+    ens = adaptation_ensemble(a_fb.to(dtype), base, True)
+    assert ens.dtype == torch.float32 and torch.isfinite(ens).all()
+    s, keep = feedback_attention(torch.rand(B, N, N).to(dtype), 4.5)
+    assert torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("spec", ["naclip+fsa", "sclip+fsa", "proxyclip+fsa"])
+def test_bf16_autocast_forward(tiny_clip, random_image, vfm, spec):
+    opts = {"vfm": vfm} if spec.startswith("proxyclip") else {}
+    seg = Segmenter(tiny_clip, method=spec, precision="bf16", **FAST, **opts)
+    out = seg.segment(random_image, "cat;dog;grass")
+    assert np.isfinite(out.probs).all()
+    ref = Segmenter(tiny_clip, method=spec, **FAST, **opts).segment(random_image, "cat;dog;grass")
+    assert np.abs(out.probs - ref.probs).mean() < 0.1
+
+
+def test_records_diagnostics(tiny_clip):
+    enc = DenseCLIP(tiny_clip.model.visual)
+    text = F.normalize(torch.randn(3, tiny_clip.model.visual.output_dim), dim=-1)
+    record = {}
+    enc(torch.randn(2, 3, 224, 224), build_method("naclip+fsa"), text_features=text, record=record)
+    kept = record["fsa_kept_fraction"][0]
+    assert kept.shape == (2,) and torch.all((kept > 0.0) & (kept <= 1.0))
