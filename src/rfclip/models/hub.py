@@ -26,7 +26,7 @@ from typing import Iterable
 from rfclip.errors import RfclipError, WeightsNotFoundError
 
 PROBE_TIMEOUT_S = 3.0  # per connection attempt; the whole probe is bounded by PROBE_TIMEOUT_S + 1
-ETAG_TIMEOUT_S = 10.0  # huggingface_hub metadata request timeout once the host answered the probe
+ETAG_TIMEOUT_S = 5.0  # timeout of the hub metadata request made once the host answered the probe
 
 _HF_WEIGHTS = "open_clip_pytorch_model.bin"
 _HF_SAFE_WEIGHTS = "open_clip_model.safetensors"
@@ -74,12 +74,13 @@ def offline_requested() -> bool:
         return False
 
 
-def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+def reachable(url: str, timeout: float | None = None) -> bool:
     """Can a TCP connection to ``url``'s host (or the configured proxy) be opened within ``timeout``?
 
     Name resolution can block far longer than a socket timeout, so the probe runs in a daemon thread
     and is abandoned after ``timeout + 1`` seconds.
     """
+    timeout = PROBE_TIMEOUT_S if timeout is None else timeout
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     if not host:
@@ -108,13 +109,29 @@ def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     return bool(result and result[0])
 
 
+def _probe_all(urls: list[str]) -> dict[str, bool]:
+    """:func:`reachable` for several URLs at once, so the worst case stays one probe timeout."""
+    results: dict[str, bool] = {}
+
+    def run(u: str) -> None:
+        results[u] = reachable(u)
+
+    threads = [threading.Thread(target=run, args=(u,), name="rfclip-net-probe", daemon=True) for u in urls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(PROBE_TIMEOUT_S + 2.0)
+    return {u: results.get(u, False) for u in urls}
+
+
 def _hub_endpoint() -> str:
     try:
         from huggingface_hub import constants
 
-        return constants.ENDPOINT
+        endpoint = constants.ENDPOINT
     except Exception:  # pragma: no cover
-        return "https://huggingface.co"
+        endpoint = ""
+    return endpoint if urllib.parse.urlsplit(endpoint).hostname else "https://huggingface.co"
 
 
 def _not_found(name: str, tag: str, places: Iterable[str], reason: str) -> WeightsNotFoundError:
@@ -184,22 +201,36 @@ def resolve_pretrained(name: str, tag: str, pcfg: dict, cache_dir: str | os.Path
         raise _not_found(name, tag, places, "HF_HUB_OFFLINE is set")
 
     reasons = []
+    endpoint = _hub_endpoint()
+    up = _probe_all(([endpoint] if candidates else []) + ([url] if url else []))
     if candidates:
-        endpoint = _hub_endpoint()
-        if not reachable(endpoint):
+        if not up[endpoint]:
             reasons.append(f"{urllib.parse.urlsplit(endpoint).hostname} is unreachable")
         else:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+            from huggingface_hub.errors import HfHubHTTPError
 
+            last: Exception | None = None
             for repo_id, filename in candidates:
+                # hf_hub_download retries network errors five times with back-off (~25 s); one
+                # metadata request without retries first tells a dead network from a missing file.
+                try:
+                    get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=ETAG_TIMEOUT_S)
+                except HfHubHTTPError as e:  # the server answered: no such file (safetensors alt.), gated, ...
+                    last = e
+                    continue
+                except Exception as e:  # connection refused / reset, timeout, TLS trouble
+                    last = e
+                    break
                 try:
                     return hf_hub_download(repo_id, filename, cache_dir=hub_cache_dir(cache_dir),
                                            etag_timeout=ETAG_TIMEOUT_S)
-                except Exception as e:  # EntryNotFound for the safetensors alternative, network errors
+                except Exception as e:
                     last = e
-            reasons.append(f"download from {candidates[-1][0]} failed: {_one_line(last)}")
+                    break
+            reasons.append(f"download from {candidates[0][0]} failed: {_one_line(last)}")
     if url:
-        if not reachable(url):
+        if not up[url]:
             reasons.append(f"{urllib.parse.urlsplit(url).hostname} is unreachable")
         else:
             from open_clip.pretrained import download_pretrained_from_url

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,8 +267,13 @@ def _infer_cfg(sd: dict, where: str) -> dict:
     return dict(embed_dim=embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg)
 
 
-def _build(cfg: dict, quick_gelu: bool, what: str):
-    """A randomly initialised open_clip CLIP for ``cfg`` (fp32, CPU), checked to be a plain ViT CLIP."""
+def _build(cfg: dict, quick_gelu: bool, what: str, empty: bool = False):
+    """An open_clip CLIP for ``cfg``, checked to be a plain ViT CLIP.
+
+    Randomly initialised on the current default device, or with ``empty=True`` on the meta device
+    (no memory, no init cost: random init of ViT-B/16 takes seconds on a CPU), to be filled by
+    :func:`_load_into`.
+    """
     from open_clip.model import CLIP
     from open_clip.transformer import VisionTransformer
 
@@ -276,7 +282,11 @@ def _build(cfg: dict, quick_gelu: bool, what: str):
     cfg.pop("quick_gelu", None)
     cfg.pop("custom_text", None)
     try:
-        model = CLIP(**cfg, quick_gelu=quick_gelu)
+        if empty:
+            with torch.device("meta"):
+                model = CLIP(**cfg, quick_gelu=quick_gelu)
+        else:
+            model = CLIP(**cfg, quick_gelu=quick_gelu)
     except (TypeError, ValueError, AssertionError, KeyError) as e:
         raise RfclipError(f"cannot build {what} from its config ({_one_line(e)}); {_SUGGEST}") from None
     visual = model.visual
@@ -345,7 +355,9 @@ def _sniff(path: Path) -> str:
 def _read(path: Path, kind: str) -> Any:
     if kind == "torchscript":
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # torch >= 2.9 marks torch.jit.load deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:
             raise RfclipError(f"checkpoint {path} is a TorchScript archive that cannot be read "
                               f"({_one_line(e)}); {_FIX_REDOWNLOAD}") from None
@@ -431,7 +443,24 @@ def _load_into(model, sd: dict, where: str, what: str, fix: str) -> None:
     bad = [k for k, v in sd.items() if not v.is_floating_point()]
     if bad:
         raise RfclipError(f"{where} stores {bad[0]} as {sd[bad[0]].dtype}, not floating point; {_FIX_FORMAT}")
-    model.load_state_dict(sd, strict=True)
+    if not any(t.is_meta for t in expected.values()):
+        model.load_state_dict(sd, strict=True)
+        return
+    # meta-built model: take the file's tensors as they are, cast to fp32, then rebuild the
+    # non-persistent buffers (open_clip's CLIP has one: the text tower's causal attention mask).
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.float()
+    for module in model.modules():
+        for bname, buf in module._buffers.items():
+            if buf is None or not buf.is_meta:
+                continue
+            if bname == "attn_mask" and buf.dim() == 2 and buf.shape[0] == buf.shape[1]:
+                module._buffers[bname] = torch.full(tuple(buf.shape), float("-inf")).triu_(1)
+            else:  # pragma: no cover - a future open_clip buffer we do not know how to rebuild
+                raise RuntimeError(f"internal error: cannot materialise buffer {bname} of {type(module).__name__}")
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:  # pragma: no cover
+        raise RuntimeError(f"internal error: {leftover[0]} was not loaded")
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +511,7 @@ def _load_state_dict_file(path: Path, requested: str, quick_gelu: bool | None) -
             guess = []
         if guess and requested not in guess:
             fix += f" (its shapes match {', '.join(guess[:4])})"
-    model = _build(cfg, qg, f"model {name}")
+    model = _build(cfg, qg, f"model {name}", empty=True)
     _load_into(model, sd, str(path), what, fix)
     _set_preprocess(model)
     return _Loaded(model, name, source, qg, f"{name}|{_act(qg)}|{source.split(':', 1)[0]}|{_stamp([path])}")
@@ -559,7 +588,7 @@ def _load_hf_dir(folder: Path, requested: str, quick_gelu: bool | None,
         cfg["embed_dim"] = int(sd["visual.proj"].shape[1])
     qg = qg_cfg if quick_gelu is None else quick_gelu
     name, _ = _pick_name(cfg, requested)  # keep the heads config.json gives
-    model = _build(cfg, qg, f"the model in {folder}")
+    model = _build(cfg, qg, f"the model in {folder}", empty=True)
     _load_into(model, sd, where, f"the model described by {config_path}",
                "config.json does not describe these weights; download the folder again")
     _set_preprocess(model)
@@ -581,7 +610,7 @@ def _load_open_clip_dir(folder: Path, requested: str, quick_gelu: bool | None) -
     sd, _ = _unwrap(_read(weights, _sniff(weights)), str(weights))
     sd = _clip_layout(sd, str(weights))
     name, _ = _pick_name(cfg, requested)
-    model = _build(cfg, qg, f"the model in {folder}")
+    model = _build(cfg, qg, f"the model in {folder}", empty=True)
     _load_into(model, sd, str(weights), f"the model described by {config_path}",
                "open_clip_config.json does not describe these weights; download the folder again")
     _set_preprocess(model, data.get("preprocess_cfg"))
@@ -622,7 +651,7 @@ def _load_tag(name: str, tag: str, cache_dir, quick_gelu: bool | None) -> _Loade
     sd = {k: v for k, v in obj.items()} if kind == "torchscript" else _unwrap(obj, str(path))[0]
     del obj
     sd = _clip_layout(sd, str(path))
-    model = _build(cfg, qg, f"model {name}")
+    model = _build(cfg, qg, f"model {name}", empty=True)
     _load_into(model, sd, str(path), f"model {name}",
                "the cached download does not match its tag; delete it so it is downloaded again")
     _set_preprocess(model, pcfg)
