@@ -27,13 +27,16 @@ def proxy_attention(features: Tensor, beta: float = PROXY_BETA, gamma: float = P
     """ProxyCLIP's attention from VFM patch features (B, N, c): returns (B, 1, N, N) fp32, rows sum to 1.
 
     μ is the mean of all N x N similarities of each crop (diagonal included); entries with γ(S − βμ) < 0 get
-    weight 0 (strict ``<``: zeros are kept).
+    weight 0 (strict ``<``: zeros are kept). The diagonal is never pruned: the reference keeps it anyway unless
+    μ > 1/β (a nearly uniform crop), where its rows would be all −inf and give NaN; here they keep the patch itself.
     """
     g = F.normalize(features.float(), dim=-1)
     sim = torch.matmul(g, g.transpose(-1, -2))  # (B, N, N)
     mu = sim.mean(dim=(-2, -1), keepdim=True)
     logits = gamma * (sim - beta * mu)
-    logits = logits.masked_fill(logits < 0, float("-inf"))
+    pruned = logits < 0
+    pruned.diagonal(dim1=-2, dim2=-1).fill_(False)
+    logits = logits.masked_fill(pruned, float("-inf"))
     return logits.softmax(dim=-1).unsqueeze(1)
 
 
