@@ -39,6 +39,13 @@ RF_ALPHA = 0.4  # attenuation: fraction of distraction attention moved; Fig. 6(b
 RF_EMBED_KERNEL = 3  # neighbourhood of embedding redistribution, Table 5 (3x3 best)
 RF_THETA_ATTN = 0.1  # ViT-L/14 attention condition (App. "Analysis in CLIP-L/14"); value from released code
 RF_CALIBRATE_TOPK = 8  # number of distraction dimensions per backbone (8 in both released lists)
+RF_CUT_THRESHOLD = "mean"  # graph-cut threshold on the Fiedler vector, Table 5 (mean 38.2 > Otsu 37.9 avg mIoU)
+RF_DEFOCUS_SIM = "kk_avg"  # similarity for the cut: key-key attention averaged over layers, Table 5 (IV)
+RF_REDISTRIBUTE_TO = "defocused"  # where the freed attention goes, Table 6 (defocused > non-distraction > [CLS])
+RF_PROXY_ATTN = "kk_layer_avg"  # last layer's proxy attention: layer-averaged key-key, Table 7 (IV), eq. 14
+RF_LAYERS = "all"  # layers whose attention is redistributed, Table 7 (VIII: all layers best)
+RF_ATTN_CONDITION_MODELS = ("ViT-L-14", "ViT-L-14-336")  # extra attention condition, App. "Analysis in CLIP-L/14"
+RF_POWER_SQUARINGS = 10  # defocus eigen-solver: S^(2^10) = 1024 power steps (implementation choice, not the paper)
 # Paper's Table 2 RF-CLIP rows (mIoU %, paper column order), used by `rfclip eval-all` for comparison.
 PAPER_COLUMNS = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k")
 PAPER_RFCLIP_MIOU = {

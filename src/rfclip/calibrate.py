@@ -1,0 +1,347 @@
+"""Distraction dimensions of a CLIP backbone: built-in lists, calibration files, and the calibration itself.
+
+RF-CLIP needs, for each backbone, the few channels ``D_dis`` of the residual stream in which CLIP over-activates
+some tokens. The paper found them (Sec. "How do distraction tokens surface?", Fig. 3 / Fig. 7) as the peaks of
+the per-dimension *mean embedding weight*:
+
+* for every patch token ``i`` of an image, average its layer inputs over all layers,
+  ``f_i = (1/L) sum_l X^{l-1}[i]`` (the unmodified CLIP forward);
+* normalise to channel weights ``w_i[j] = (f_i[j] - min_k f_i[k]) / sum_k (f_i[k] - min f_i)`` (the same
+  min-shift normalisation as the distractor test, eq. 6);
+* average ``w_i`` over the tokens and the images; the ``topk`` largest channels are ``D_dis``.
+
+:func:`calibrate` does this for any ViT CLIP and writes a small JSON file that RF-CLIP picks up automatically
+(``~/.cache/rfclip/distraction_dims/<hash of the model identity>.json``; ``$RFCLIP_CACHE`` or
+``$XDG_CACHE_HOME/rfclip`` move the cache). :func:`resolve_distraction_dims` is the lookup RF-CLIP runs when a
+segmenter is built: explicit dims, then an explicit file, then the built-in lists
+(:data:`rfclip.constants.DISTRACTION_DIMS`), then the calibration cache; otherwise a one-line error naming the
+``rfclip calibrate`` command.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .constants import CLIP_MEAN, CLIP_STD, DISTRACTION_DIMS, RF_CALIBRATE_TOPK
+from .errors import RfclipError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+FILE_FORMAT = "rfclip-distraction-dims/1"
+
+
+# ------------------------------------------------------------------------------------------ embedding weights
+def embedding_weights(x: Tensor, norm: str = "minshift") -> Tensor:
+    """Channel weights of token embeddings ``x`` (..., C) -> (..., C) fp32; each row sums to 1 (``raw``: may not).
+
+    ``minshift``: ``(x - min x) / sum(x - min x)`` (default; the released code's eq. 6); ``abs``:
+    ``|x| / sum |x|``; ``raw``: ``x / sum x`` (the literal transcription of eq. 6; unstable for mixed signs).
+    """
+    x = x.float()
+    if norm == "minshift":
+        g = x - x.amin(-1, keepdim=True)
+        return g / g.sum(-1, keepdim=True).clamp_min(1e-8)
+    if norm == "abs":
+        g = x.abs()
+        return g / g.sum(-1, keepdim=True).clamp_min(1e-8)
+    if norm == "raw":
+        return x / x.sum(-1, keepdim=True)
+    raise ValueError(f"phi_norm must be minshift, abs or raw, got {norm!r}")
+
+
+# ------------------------------------------------------------------------------------------ cache files
+def cache_root() -> Path:
+    """rfclip's cache folder (the text-embedding cache lives next to it)."""
+    base = os.environ.get("RFCLIP_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                          "rfclip")
+    return Path(base)
+
+
+def model_identity(clip) -> str:
+    """The string that names a loaded model's exact weights (``ClipModel.identity``)."""
+    ident = getattr(clip, "identity", None)
+    if ident:
+        return str(ident)
+    return f"{getattr(clip, 'name', 'model')}|{getattr(clip, 'pretrained', None)}|{getattr(clip, 'source', '')}"
+
+
+def dims_file_for(clip, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where :func:`calibrate` saves (and RF-CLIP looks for) the dims of ``clip``."""
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "distraction_dims"
+    digest = hashlib.sha1(model_identity(clip).encode("utf-8")).hexdigest()[:16]
+    return root / f"{digest}.json"
+
+
+def load_dims_file(path: str | os.PathLike, width: int | None = None) -> tuple[int, ...]:
+    """Distraction dims from a calibration JSON (``{"dims": [...]}``) or a plain JSON list of ints."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise RfclipError(f"distraction-dims file not found: {path}; run `rfclip calibrate` or check the path")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RfclipError(f"cannot read distraction-dims file {path}: {err}; re-run `rfclip calibrate`") from None
+    dims = data.get("dims") if isinstance(data, dict) else data
+    return check_dims(dims, width, where=str(path))
+
+
+def check_dims(dims: Any, width: int | None = None, where: str = "distraction_dims") -> tuple[int, ...]:
+    """Validate a dims list: non-empty, unique integers in ``[0, width)``. Returns a sorted tuple."""
+    if isinstance(dims, str):
+        dims = [d for d in dims.replace(";", ",").split(",") if d.strip()]
+    try:
+        out = tuple(sorted({int(d) for d in dims}))
+    except (TypeError, ValueError):
+        raise RfclipError(f"{where}: distraction dims must be a list of channel indices, got {dims!r}") from None
+    if not out:
+        raise RfclipError(f"{where}: the list of distraction dims is empty")
+    if out[0] < 0 or (width is not None and out[-1] >= width):
+        raise RfclipError(f"{where}: distraction dims {list(out)} out of range for a residual width of {width} "
+                          f"(0-based channel indices are expected)")
+    return out
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def builtin_dims(clip) -> tuple[int, ...] | None:
+    """The paper's lists for OpenAI ViT-B/16 and ViT-L/14 (also when OpenAI weights come from a local file)."""
+    name, tag = getattr(clip, "name", None), getattr(clip, "pretrained", None)
+    dims = DISTRACTION_DIMS.get((name, tag))
+    if dims is None and tag is None and str(getattr(clip, "source", "")).startswith("openai"):
+        dims = DISTRACTION_DIMS.get((name, "openai"))
+    return tuple(dims) if dims is not None else None
+
+
+def calibrate_command(clip) -> str:
+    """The command line that calibrates ``clip`` (for error messages)."""
+    name = getattr(clip, "name", "MODEL")
+    tag = getattr(clip, "pretrained", None)
+    source = str(getattr(clip, "source", ""))
+    if tag:
+        return f"rfclip calibrate --model {name} --pretrained {tag} IMAGES_DIR"
+    if ":" in source and not source.startswith(("random", "open_clip:")):
+        return f"rfclip calibrate --model {name} --checkpoint {source.split(':', 1)[1]} IMAGES_DIR"
+    return f"rfclip calibrate --model {name} --pretrained TAG IMAGES_DIR"
+
+
+def resolve_distraction_dims(clip, distraction_dims=None, dims_file=None, width: int | None = None,
+                             cache_dir: str | os.PathLike | None = None) -> tuple[tuple[int, ...], str]:
+    """The distraction dims RF-CLIP uses for ``clip`` and where they came from.
+
+    Order: ``distraction_dims`` (explicit), ``dims_file``, the built-in lists, the calibration cache. Raises
+    :class:`RfclipError` naming the calibrate command when none applies.
+    """
+    if distraction_dims is not None:
+        return check_dims(distraction_dims, width), "distraction_dims option"
+    if dims_file is not None:
+        return load_dims_file(dims_file, width), str(dims_file)
+    dims = builtin_dims(clip)
+    if dims is not None:
+        return check_dims(dims, width, where=f"built-in dims of {getattr(clip, 'name', '?')}"), "built-in (paper)"
+    cached = dims_file_for(clip, cache_dir)
+    if cached.is_file():
+        return load_dims_file(cached, width), str(cached)
+    name = getattr(clip, "name", "this model")
+    what = getattr(clip, "pretrained", None) or getattr(clip, "source", "")
+    raise RfclipError(
+        f"RF-CLIP has no distraction dimensions for {name} ({what}); find them once with "
+        f"`{calibrate_command(clip)}` (a folder of ~100 or more natural images), or pass "
+        f"distraction_dims=[...] / dims_file=FILE"
+    )
+
+
+# ------------------------------------------------------------------------------------------ calibration
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` found."""
+
+    dims: tuple[int, ...]  # the top-k channels, sorted
+    mean_weight: np.ndarray  # (C,) per-dimension mean embedding weight (Fig. 3 (a))
+    num_images: int
+    num_tokens: int
+    path: Path | None  # the JSON written (None when save=False)
+    ranked: list[int] = field(default_factory=list)  # all channels, largest mean weight first (top 32)
+
+    def summary(self) -> str:
+        w = self.mean_weight
+        med = float(np.median(w))
+        peaks = ", ".join(f"{d} ({w[d] / med:.1f}x median)" for d in self.dims)
+        where = f"; saved to {self.path}" if self.path is not None else ""
+        return f"distraction dims from {self.num_images} images: {peaks}{where}"
+
+
+def list_images(images, recursive: bool = True) -> list:
+    """A folder (searched recursively), one file, or a sequence of paths / arrays / PIL images -> a list."""
+    if isinstance(images, (str, os.PathLike)):
+        root = Path(images).expanduser()
+        if root.is_file():
+            return [root]
+        if not root.is_dir():
+            raise RfclipError(f"image folder not found: {root}; give a folder of images")
+        walker = root.rglob("*") if recursive else root.glob("*")
+        files = sorted(p for p in walker if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise RfclipError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}")
+        return files
+    items = list(images)
+    if not items:
+        raise RfclipError("no images given for calibration")
+    return items
+
+
+def _square_crop(image: np.ndarray, size: int, device) -> Tensor:
+    """Resize the short side to ``size`` (bilinear), centre-crop ``size`` x ``size``, CLIP-normalise. (3, s, s)."""
+    x = torch.from_numpy(image).to(device).permute(2, 0, 1).float()[None]
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, int(h * scale + 0.5)), max(size, int(w * scale + 0.5))
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1) * 255
+    return ((x - mean) / std)[0]
+
+
+def _profile_method():
+    """A vanilla-CLIP method that sums each patch token's layer inputs (the unmodified residual stream)."""
+    from .methods.base import Method
+
+    class _InputProfile(Method):
+        name = "_input_profile"
+
+        def begin(self, ctx):
+            ctx.store["sum"] = None
+
+        def layer_input(self, ctx, layer, x):
+            f = x[:, 1:].float()
+            ctx.store["sum"] = f if ctx.store["sum"] is None else ctx.store["sum"] + f
+            if layer == ctx.num_layers - 1:
+                self.last = ctx.store["sum"] / ctx.num_layers  # (B, N, C) layer-averaged input per token
+            return x
+
+    return _InputProfile()
+
+
+def token_profiles(encoder, images: Tensor) -> Tensor:
+    """Layer-averaged input embeddings ``f_i`` (B, N, C) fp32 of the patch tokens of ``images`` (unmodified CLIP)."""
+    method = _profile_method()
+    encoder(images, method)
+    return method.last
+
+
+def calibrate(model, images, topk: int = RF_CALIBRATE_TOPK, *, pretrained: str | None = "openai", checkpoint=None,
+              device=None, image_size: int | None = None, batch_size: int = 16, max_images: int | None = None,
+              norm: str = "minshift", out_file: str | os.PathLike | None = None, save: bool = True,
+              cache_dir: str | os.PathLike | None = None, precision: str = "auto",
+              progress: Callable[[int, int], None] | None = None) -> CalibrationResult:
+    """Find a backbone's distraction dimensions the way the paper does and save them for RF-CLIP.
+
+    Args:
+        model: a loaded :class:`rfclip.models.ClipModel`, a :class:`rfclip.Segmenter` (its model is used), or an
+            open_clip model name (loaded with ``pretrained`` / ``checkpoint``).
+        images: a folder of images (searched recursively), one image file, or a sequence of paths / uint8 arrays.
+            A few hundred natural images are plenty; the paper's three datasets gave the same peaks.
+        topk: number of dimensions to keep (8 for both of the paper's backbones).
+        image_size: square crop side (short side resized, centre crop); default the model's native input size.
+        batch_size: images per forward. ``max_images``: use at most this many (the first ones, sorted by path).
+        norm: channel-weight normalisation (``minshift`` as in eq. 6; ``abs``; ``raw``).
+        out_file: where to write the JSON; default :func:`dims_file_for` (where RF-CLIP looks).
+        save: write the file at all. ``cache_dir``: another folder for the default file name.
+        precision: ``auto`` (bf16/fp16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``.
+        progress: called as ``progress(done, total)`` after every batch.
+
+    Returns:
+        :class:`CalibrationResult` with the dims (sorted), the per-dimension mean weight and the file written.
+    """
+    from .dense import DenseCLIP
+    from .inference import autocast_dtype, load_image
+    from .segmenter import resolve_device
+
+    if topk < 1:
+        raise RfclipError(f"topk must be at least 1, got {topk}")
+    if hasattr(model, "encoder") and hasattr(model, "clip"):  # a Segmenter
+        clip, encoder, dev = model.clip, model.encoder, model.device
+    else:
+        dev = resolve_device(device)
+        if isinstance(model, str):
+            from .models.loading import load_clip
+
+            clip = load_clip(model, pretrained, checkpoint=checkpoint, device=dev)
+        else:
+            clip = model
+            clip.model.to(dev)
+        encoder = DenseCLIP(clip.model.visual).to(dev)
+    if topk > encoder.width:
+        raise RfclipError(f"topk={topk} is larger than the residual width {encoder.width}")
+    if image_size is None:
+        image_size = encoder.native_grid[0] * encoder.patch_size[0]
+    amp = autocast_dtype(dev, precision)
+    items = list_images(images)
+    if max_images is not None:
+        items = items[: max(1, int(max_images))]
+    total = torch.zeros(encoder.width, dtype=torch.float64, device=dev)
+    count = 0
+    done = 0
+    import contextlib
+
+    with torch.inference_mode():
+        for start in range(0, len(items), max(1, batch_size)):
+            chunk = items[start:start + batch_size]
+            batch = torch.stack([_square_crop(load_image(im), image_size, dev) for im in chunk])
+            ctx = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+            with ctx:
+                prof = token_profiles(encoder, batch)  # (B, N, C)
+            w = embedding_weights(prof, norm)  # (B, N, C)
+            total += w.sum(dim=(0, 1)).double()
+            count += w.shape[0] * w.shape[1]
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(items))
+    mean_weight = (total / max(count, 1)).float().cpu().numpy()
+    order = np.argsort(-mean_weight, kind="stable")
+    dims = tuple(sorted(int(d) for d in order[:topk]))
+    path = None
+    if save:
+        path = Path(out_file).expanduser() if out_file is not None else dims_file_for(clip, cache_dir)
+        _write_json_atomic(path, {
+            "format": FILE_FORMAT,
+            "model": getattr(clip, "name", None),
+            "pretrained": getattr(clip, "pretrained", None),
+            "source": getattr(clip, "source", None),
+            "identity": model_identity(clip),
+            "dims": list(dims),
+            "topk": int(topk),
+            "norm": norm,
+            "num_images": len(items),
+            "num_tokens": int(count),
+            "image_size": int(image_size),
+            "mean_weight": [round(float(v), 8) for v in mean_weight],
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        })
+    return CalibrationResult(dims=dims, mean_weight=mean_weight, num_images=len(items), num_tokens=int(count),
+                             path=path, ranked=[int(d) for d in order[:32]])

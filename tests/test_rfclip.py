@@ -1,0 +1,439 @@
+"""RF-CLIP: each step against its formula, the planted-distraction behaviour, ablation equivalences, batching.
+
+Random weights test mechanics, not accuracy. A random CLIP has no over-activated channel, so distractions are
+planted (a large value in chosen channels of chosen tokens' positional embeddings) or the threshold is lowered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from conftest import make_clip
+from rfclip.constants import DISTRACTION_DIMS
+from rfclip.dense import DenseCLIP
+from rfclip.errors import RfclipError
+from rfclip.methods import build_method
+from rfclip.methods.defocus import bipartition, defocused_tokens, fiedler_vector, foreground_side, otsu_threshold
+from rfclip.methods.rfclip import (RFCLIP, distraction_scores, embed_redistribute, parse_layers,
+                                   redistribute_attention)
+
+TINY_DIMS = (5, 20, 41)
+
+
+def random_attention(B, H, N, seed=0, sharp=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(sharp * torch.randn(B, H, N + 1, N + 1, generator=g), dim=-1)
+
+
+def disjoint_masks(B, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.rand(B, N, generator=g)
+    dis = r < 0.15
+    target = (r > 0.5) & ~dis
+    dis[0] = False  # crop 0: no distraction token at all
+    return dis, target
+
+
+# ------------------------------------------------------------------------------------ attention redistribution
+@pytest.mark.parametrize("per_head", [False, True])
+def test_redistribution_formula(per_head):
+    B, H, N, alpha = 3, 4, 30, 0.4
+    A = random_attention(B, H, N)
+    dis, target = disjoint_masks(B, N)
+    if per_head:  # per-head targets: a different subset per head
+        g = torch.Generator().manual_seed(1)
+        target = target.unsqueeze(1) & (torch.rand(B, H, N, generator=g) < 0.7)
+        target[:, :, 0] |= ~dis[:, 0:1]  # keep every head's target set non-empty
+    out = redistribute_attention(A.clone(), dis, target, alpha)
+    torch.testing.assert_close(out.sum(-1), torch.ones(B, H, N + 1), atol=1e-5, rtol=0)
+    assert out.min() >= 0
+    # [CLS] row and column untouched; crop 0 (no distraction) untouched.
+    assert torch.equal(out[:, :, 0], A[:, :, 0]) and torch.equal(out[:, :, :, 0], A[:, :, :, 0])
+    assert torch.equal(out[0], A[0])
+    P, Q = A[:, :, 1:, 1:].double(), out[:, :, 1:, 1:].double()
+    md = dis[:, None, None, :].expand_as(P)
+    mt = (target if target.dim() == 3 else target[:, None]).unsqueeze(-2).expand_as(P)
+    # distraction columns shrink by exactly (1 - alpha)
+    torch.testing.assert_close(Q[md], (1 - alpha) * P[md], rtol=1e-6, atol=1e-9)
+    # the budget lands on the targets in proportion to their original weights
+    budget = alpha * (P * md).sum(-1, keepdim=True)
+    share = (P * mt) / (P * mt).sum(-1, keepdim=True)
+    torch.testing.assert_close(Q, P - alpha * P * md + budget * share * mt, rtol=1e-5, atol=1e-7)
+    # other columns unchanged
+    other = ~md & ~mt
+    assert torch.equal(Q[other], P[other])
+
+
+def test_redistribution_to_cls_and_cls_row():
+    B, H, N, alpha = 2, 3, 12, 0.5
+    A = random_attention(B, H, N, seed=3)
+    dis, _ = disjoint_masks(B, N, seed=3)
+    out = redistribute_attention(A.clone(), dis, None, alpha, to_cls=True)
+    torch.testing.assert_close(out.sum(-1), torch.ones(B, H, N + 1), atol=1e-5, rtol=0)
+    budget = alpha * (A[:, :, 1:, 1:] * dis[:, None, None, :]).sum(-1)
+    torch.testing.assert_close(out[:, :, 1:, 0], A[:, :, 1:, 0] + budget)
+    assert torch.equal(out[:, :, 0], A[:, :, 0])
+    with_row = redistribute_attention(A.clone(), dis, ~dis, alpha, cls_row=True)
+    assert not torch.equal(with_row[1, :, 0], A[1, :, 0])
+    torch.testing.assert_close(with_row.sum(-1), torch.ones(B, H, N + 1), atol=1e-5, rtol=0)
+
+
+def test_redistribution_alpha_zero_and_empty_target_are_identity():
+    A = random_attention(2, 2, 10, seed=5)
+    dis, target = disjoint_masks(2, 10, seed=5)
+    assert torch.allclose(redistribute_attention(A.clone(), dis, target, 0.0), A)
+    empty = torch.zeros_like(target)
+    assert torch.equal(redistribute_attention(A.clone(), dis, empty, 0.4), A)
+
+
+# ------------------------------------------------------------------------------------ embedding redistribution
+def test_embed_redistribution_hand_computed():
+    h, w, C, B = 3, 4, 7, 2
+    dims = torch.tensor([1, 4])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 1 + h * w, C, generator=g)
+    dis = torch.zeros(B, h * w, dtype=torch.bool)
+    dis[0, [0, 5, 11]] = True  # a corner, an interior token and the opposite corner
+    dis[1, 6] = True
+    out = embed_redistribute(x, dis, dims, (h, w), kernel=3)
+    expected = x.clone()
+    for b in range(B):
+        for i in range(h * w):
+            if not dis[b, i]:
+                continue
+            u, v = divmod(i, w)
+            nb = [1 + uu * w + vv for uu in range(u - 1, u + 2) for vv in range(v - 1, v + 2) if 0 <= uu < h and 0 <= vv < w]
+            for j in dims.tolist():
+                expected[b, 1 + i, j] = x[b, nb, j].mean()
+    torch.testing.assert_close(out, expected)
+    changed = out != x
+    allowed = torch.zeros_like(changed)
+    for b in range(B):
+        for i in torch.nonzero(dis[b]).flatten().tolist():
+            allowed[b, 1 + i, dims] = True
+    assert not (changed & ~allowed).any()
+
+
+def test_embed_redistribution_code_variant():
+    """Released-code variant: all channels, zero padding / 9, blend 0.4."""
+    h = w = 3
+    x = torch.randn(1, 10, 4)
+    dis = torch.zeros(1, 9, dtype=torch.bool)
+    dis[0, 0] = True
+    out = embed_redistribute(x, dis, None, (h, w), kernel=3, blend=0.4, padding="zero")
+    nb = [1, 2, 4, 5]  # token 0's in-grid 3x3 neighbourhood (tokens 0, 1, 3, 4 -> rows 1, 2, 4, 5)
+    mean = x[0, nb].sum(0) / 9
+    torch.testing.assert_close(out[0, 1], 0.6 * x[0, 1] + 0.4 * mean)
+    assert torch.equal(out[0, 2:], x[0, 2:]) and torch.equal(out[0, 0], x[0, 0])
+
+
+def test_distraction_scores():
+    x = torch.randn(2, 5, 16)
+    x[0, 3, 7] = 40.0
+    dims = torch.tensor([7, 9])
+    phi = distraction_scores(x, dims)
+    g = x - x.amin(-1, keepdim=True)
+    w = g / g.sum(-1, keepdim=True)
+    torch.testing.assert_close(phi, w[..., [7, 9]].amax(-1))
+    assert phi[0, 3] > 0.5
+    big = (torch.rand(2, 5, 64) * 2000 + 1000).half()  # every value fits in fp16, the channel sums do not
+    big[0, 3, 7] = 60000.0
+    assert torch.isinf(big.sum(-1)).all()
+    ref = distraction_scores(big.float(), dims)
+    torch.testing.assert_close(distraction_scores(big, dims), ref)
+    assert ref[0, 3] > 5 / 64
+    torch.testing.assert_close(distraction_scores(x, dims, "abs"), (x.abs() / x.abs().sum(-1, keepdim=True))[..., [7, 9]].amax(-1))
+
+
+# ------------------------------------------------------------------------------------ defocus (graph cut)
+def structured_graphs(G, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.rand(G, N, generator=g) > 0.6
+    feats = 0.7 * torch.randn(G, N, 16, generator=g) + labels[..., None] * torch.randn(G, 1, 16, generator=g)
+    S = torch.softmax(feats @ feats.transpose(1, 2) / 4, dim=-1)
+    return 0.5 * (S + S.transpose(1, 2))
+
+
+def scipy_fiedler(W: np.ndarray):
+    D = np.diag(W.sum(1))
+    vals, vecs = scipy.linalg.eigh(D - W, D)
+    return vals[1], vecs[:, 1]
+
+
+@pytest.mark.parametrize("solver", ["eigh", "power"])
+def test_fiedler_matches_scipy(solver):
+    W = structured_graphs(5, 40)
+    y, lam = fiedler_vector(W, solver=solver)
+    for b in range(W.shape[0]):
+        w = W[b].double().numpy()
+        val, ref = scipy_fiedler(w)
+        got = y[b].double().numpy()
+        got = got * np.sign(got @ np.diag(w.sum(1)) @ ref)
+        np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max())
+        assert abs(lam[b].item() - val) < 1e-5
+
+
+def test_fiedler_on_unstructured_graphs():
+    """Uniform random graphs have a nearly degenerate spectrum: eigh still matches scipy; the power solver's
+    vector may mix the near-equal eigenvectors but its generalized Rayleigh quotient is lambda_2."""
+    g = torch.Generator().manual_seed(1)
+    S = torch.rand(3, 30, 30, generator=g)
+    W = 0.5 * (S + S.transpose(1, 2))
+    y_e, _ = fiedler_vector(W, solver="eigh")
+    y_p, _ = fiedler_vector(W, solver="power")
+    for b in range(3):
+        w = W[b].double().numpy()
+        D = np.diag(w.sum(1))
+        val, ref = scipy_fiedler(w)
+        ye = y_e[b].double().numpy()
+        np.testing.assert_allclose(ye * np.sign(ye @ D @ ref), ref, atol=1e-3 * np.abs(ref).max())
+        yp = y_p[b].double().numpy()
+        assert abs(yp @ D @ np.ones(30)) < 1e-4  # D-orthogonal to the trivial eigenvector
+        rq = (yp @ (D - w) @ yp) / (yp @ D @ yp)
+        assert abs(rq - val) < 1e-4 * val
+
+
+def test_otsu_matches_brute_force():
+    g = torch.Generator().manual_seed(2)
+    y = torch.cat([torch.randn(4, 20, generator=g) - 2, torch.randn(4, 13, generator=g) + 1.5], dim=1)
+    t = otsu_threshold(y)
+    for b in range(4):
+        v = np.sort(y[b].numpy())
+        best, best_t = -1, None
+        for i in range(len(v) - 1):
+            a, c = v[: i + 1], v[i + 1:]
+            s = len(a) * len(c) * (a.mean() - c.mean()) ** 2
+            if s > best:
+                best, best_t = s, (v[i] + v[i + 1]) / 2
+        assert abs(t[b].item() - best_t) < 1e-5
+
+
+def test_foreground_rules_and_defocus_masks():
+    y = torch.tensor([[0.9, 0.8, -0.1, -0.2, -0.3, -0.4], [-2.0, 0.1, 0.2, 0.3, 0.2, 0.1]])
+    upper = bipartition(y, "mean")
+    fg = foreground_side(y, upper, "max_abs")
+    assert fg[0].tolist() == [True, True, False, False, False, False]  # side of |y| max = 0.9
+    assert fg[1].tolist() == [True, False, False, False, False, False]  # side of |y| max = -2.0
+    assert foreground_side(y, upper, "smaller_side").sum(-1).tolist() == [2, 1]
+    col = torch.tensor([[1.0, 1.0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1.0]])
+    assert foreground_side(y, upper, "less_attended", col)[0].tolist() == [False, False, True, True, True, True]
+    W = structured_graphs(3, 25, seed=4)
+    dis = torch.zeros(3, 25, dtype=torch.bool)
+    dis[1, :3] = True
+    dis[2] = True  # every token is a distraction token: no defocused token can remain
+    dis[2, 0] = False
+    defo, _ = defocused_tokens(W, dis)
+    assert not (defo & dis).any()
+    assert defo.any(-1).all()  # non-empty (fallback to all non-distraction tokens)
+    assert defo[2].tolist() == (~dis[2]).tolist()
+
+
+def test_parse_layers():
+    assert parse_layers("all", 12) == frozenset(range(12))
+    assert parse_layers(None, 4) == frozenset(range(4))
+    assert parse_layers("0-2,5", 12) == frozenset({0, 1, 2, 5})
+    assert parse_layers([-1, 0], 12) == frozenset({0, 11})
+    with pytest.raises(RfclipError):
+        parse_layers([12], 12)
+
+
+# ------------------------------------------------------------------------------------ whole forward
+def plant(clip, tokens, dim, value=60.0):
+    """A copy of ``clip`` whose patch tokens ``tokens`` over-activate channel ``dim`` (positional embedding)."""
+    import copy
+
+    planted = copy.deepcopy(clip)
+    with torch.no_grad():
+        pos = planted.model.visual.positional_embedding
+        for t in tokens:
+            pos[1 + t, dim] += value
+    return planted
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+def test_planted_distraction_detected_and_attention_share_drops(tiny_clip, images):
+    tokens = [17, 60, 61, 122, 190]
+    planted = plant(tiny_clip, tokens, dim=20)
+    enc = DenseCLIP(planted.model.visual)
+    method = build_method("rfclip", distraction_dims=TINY_DIMS)
+    rec: dict = {}
+    with torch.no_grad():
+        feats, _ = enc(images, method, record=rec)
+    assert torch.isfinite(feats).all()
+    dis = rec["rf.L0.dis"][0].bool()  # (B, N)
+    expected = torch.zeros_like(dis)
+    expected[:, tokens] = True
+    assert torch.equal(dis, expected)
+    before, after = rec["rf.L0.attn"][0], rec["rf.L0.attn_after"][0]  # head-averaged (B, T, T)
+    share_before = before[:, 1:, 1:][..., tokens].sum(-1)  # attention each patch query pays the planted tokens
+    share_after = after[:, 1:, 1:][..., tokens].sum(-1)
+    torch.testing.assert_close(share_after, (1 - method.alpha) * share_before, rtol=1e-4, atol=1e-7)
+    assert (share_after < share_before).all()
+    defocused = rec["rf.L0.def"][0].bool()
+    assert not (defocused & dis).any() and defocused.any(-1).all()
+    gained = (after - before)[:, 1:, 1:].sum(1)  # column gains
+    assert (gained[defocused] >= -1e-6).all() and (gained[~defocused & ~dis] .abs() < 1e-6).all()
+
+
+def test_rf_steps_off_equals_kk_layer_average(tiny_clip, images):
+    enc = DenseCLIP(tiny_clip.model.visual)
+    want, _ = enc(images, build_method("kk", layer_average=True))
+    got, _ = enc(images, build_method("kk_proxy_baseline", proxy_include_cls=True))
+    assert torch.equal(got, want)
+    got2, _ = enc(images, build_method("rfclip", distraction_dims=TINY_DIMS, embed_redistribution=False,
+                                       attn_redistribution=False, proxy_include_cls=True))
+    assert torch.equal(got2, want)
+
+
+def test_no_distraction_tokens_changes_nothing(tiny_clip, images):
+    """A random CLIP has no token above tau = 5/d: RF-CLIP equals its baseline and records no redistribution."""
+    enc = DenseCLIP(tiny_clip.model.visual)
+    base, _ = enc(images, build_method("kk_proxy_baseline"))
+    rec: dict = {}
+    got, _ = enc(images, build_method("rfclip", distraction_dims=TINY_DIMS), record=rec)
+    assert torch.equal(got, base)
+    assert not any(k.endswith("attn_after") for k in rec)
+    assert all(not v[0].any() for k, v in rec.items() if k.endswith(".dis"))
+
+
+def test_crops_in_a_batch_are_independent(tiny_clip, images):
+    """Per-crop masks: a crop's features do not depend on the other crops of its batch."""
+    planted = plant(tiny_clip, [3, 100], dim=5, value=25.0)
+    enc = DenseCLIP(planted.model.visual)
+    imgs = images.clone()
+    imgs[1] *= 0.05  # a nearly flat crop: different distraction sets per crop
+    method = build_method("rfclip", distraction_dims=TINY_DIMS, tau_mult=3.0)
+    rec: dict = {}
+    batch, _ = enc(imgs, method, record=rec)
+    counts = [int(v[0].sum()) for k, v in rec.items() if k.endswith(".dis")]
+    assert sum(counts) > 0
+    for i in range(imgs.shape[0]):
+        single, _ = enc(imgs[i:i + 1], method)
+        torch.testing.assert_close(single[0], batch[i], atol=2e-5, rtol=1e-4)
+
+
+OPTION_SETS = [
+    dict(),
+    dict(eig_solver="eigh"),
+    dict(cut_threshold="otsu", fg_rule="smaller_side"),
+    dict(fg_rule="less_attended", defocus_sim_heads="per_head"),
+    dict(defocus_sim="kk_cur"), dict(defocus_sim="qk_cur"), dict(defocus_sim="qk_avg"),
+    dict(defocus_sim_layers="preceding_only"), dict(defocus_sim="qk_avg", defocus_sim_layers="preceding_only"),
+    dict(redistribute_to="non_distraction"), dict(redistribute_to="cls"), dict(redistribute_cls_row=True),
+    dict(embed_kernel=5, embed_exclude_center=True), dict(embed_channels="all", embed_blend=0.4, embed_padding="zero"),
+    dict(suppress_mode="mask"), dict(suppress_mode="lowpass"), dict(suppress_mode="mean"),
+    dict(suppress_mode="median", attn_redistribution=False, embed_redistribution=False),
+    dict(random_tokens=True), dict(phi_norm="abs"), dict(attn_condition="on", theta_a=0.0),
+    dict(attn_condition="on", attn_rule="five_over_n"), dict(rf_layers="1-2"),
+    dict(proxy_attn="kk_last"), dict(proxy_attn="qq_last"), dict(proxy_attn="qq_plus_kk_last"),
+    dict(proxy_attn="qk_last"), dict(proxy_layers="intermediate"), dict(proxy_heads="head_mean"),
+    dict(proxy_renorm=True), dict(redistribute_proxy=True), dict(alpha=1.0),
+]
+
+
+def test_every_option_runs(tiny_clip):
+    """Every option on a small grid (7 x 7) with a lowered threshold so that each layer has distraction tokens."""
+    enc = DenseCLIP(tiny_clip.model.visual)
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    rec: dict = {}
+    base, _ = enc(x, build_method("rfclip", distraction_dims=TINY_DIMS, tau_mult=1.5), record=rec)
+    assert sum(bool(v[0].any()) for k, v in rec.items() if k.endswith(".dis")) >= 2
+    for opts in OPTION_SETS:
+        feats, grid = enc(x, build_method("rfclip", distraction_dims=TINY_DIMS, tau_mult=1.5, **opts))
+        assert grid == (7, 7) and feats.shape == base.shape, opts
+        assert torch.isfinite(feats).all(), opts
+        torch.testing.assert_close(feats.norm(dim=-1), torch.ones(feats.shape[:2]), msg=str(opts))
+    for name in ("rfclip_nodefocus", "rfclip_code_embed"):
+        feats, _ = enc(x, build_method(name, distraction_dims=TINY_DIMS, tau_mult=1.5))
+        assert torch.isfinite(feats).all()
+
+
+def test_attention_condition_filters(tiny_clip, images):
+    planted = plant(tiny_clip, [17, 60], dim=20)
+    enc = DenseCLIP(planted.model.visual)
+    rec_on: dict = {}
+    enc(images[:1], build_method("rfclip", distraction_dims=TINY_DIMS, attn_condition="on", theta_a=1.0), record=rec_on)
+    assert not rec_on["rf.L0.dis"][0].any() and rec_on["rf.L0.phi_pass"][0].sum() == 2
+    rec_off: dict = {}
+    enc(images[:1], build_method("rfclip", distraction_dims=TINY_DIMS, attn_condition="off", theta_a=1.0),
+        record=rec_off)
+    assert rec_off["rf.L0.dis"][0].sum() == 2
+
+
+def test_options_are_validated():
+    for bad in (dict(cut_threshold="median"), dict(alpha=1.5), dict(embed_kernel=4), dict(proxy_attn="x"),
+                dict(attn_condition="maybe"), dict(lam=0.3)):
+        with pytest.raises(RfclipError):
+            build_method("rfclip", **bad)
+    m = build_method("rfclip_nodefocus")
+    assert m.redistribute_to == "non_distraction" and isinstance(m, RFCLIP)
+    assert not build_method("kk_proxy_baseline").detects
+
+
+# ------------------------------------------------------------------------------------ dims lookup
+@dataclasses.dataclass
+class FakeClip:
+    name: str
+    pretrained: str | None
+    source: str = "open_clip:openai"
+    identity: str = "fake"
+
+
+def test_dims_lookup_and_missing_dims_error(tiny_clip, tmp_path, monkeypatch):
+    from rfclip.calibrate import resolve_distraction_dims
+
+    monkeypatch.setenv("RFCLIP_CACHE", str(tmp_path))
+    dims, src = resolve_distraction_dims(FakeClip("ViT-B-16", "openai"))
+    assert dims == DISTRACTION_DIMS[("ViT-B-16", "openai")] and "built-in" in src
+    dims, _ = resolve_distraction_dims(FakeClip("ViT-L-14", None, source="openai-torchscript:/x/ViT-L-14.pt"))
+    assert dims == DISTRACTION_DIMS[("ViT-L-14", "openai")]
+    with pytest.raises(RfclipError) as err:
+        resolve_distraction_dims(FakeClip("ViT-B-32", "laion2b_s34b_b79k"))
+    assert "rfclip calibrate --model ViT-B-32 --pretrained laion2b_s34b_b79k IMAGES_DIR" in str(err.value)
+    with pytest.raises(RfclipError):
+        resolve_distraction_dims(FakeClip("ViT-B-16", "openai"), distraction_dims=[800], width=768)
+
+    from rfclip.segmenter import Segmenter
+
+    with pytest.raises(RfclipError, match="rfclip calibrate"):
+        Segmenter(tiny_clip, method="rfclip", device="cpu", text_cache=False)
+    Segmenter(tiny_clip, method="kk_proxy_baseline", device="cpu", text_cache=False)  # needs no dims
+
+
+# ------------------------------------------------------------------------------------ end to end
+VITB16_VISION = dict(
+    embed_dim=512, quick_gelu=True,
+    vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=16),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+)
+
+
+def test_segmenter_end_to_end_vitb16_geometry():
+    """Real ViT-B/16 image-encoder geometry (12 x 768, 14 x 14 grid), random weights, the paper's dims, planted
+    over-activations so that every RF step runs."""
+    from rfclip.segmenter import Segmenter
+
+    clip = make_clip(VITB16_VISION, seed=0)
+    dims = DISTRACTION_DIMS[("ViT-B-16", "openai")]
+    with torch.no_grad():
+        clip.model.visual.positional_embedding[[1 + 20, 1 + 100], dims[1]] += 300.0
+    seg = Segmenter(clip, method="rfclip", distraction_dims=dims, device="cpu", text_cache=False,
+                    templates=["a photo of a {}."], short_side=224, slide_crop=224, slide_stride=112)
+    image = np.random.default_rng(0).integers(0, 256, size=(224, 240, 3), dtype=np.uint8)
+    out = seg.segment(image, "cat;dog;sky")
+    assert out.mask.shape == (224, 240) and out.probs.shape == (3, 224, 240)
+    assert np.isfinite(out.probs).all()
+    rec: dict = {}
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        seg.encoder(x, seg.method, record=rec)
+    assert rec["rf.L0.dis"][0].sum() == 2 and "rf.L0.attn_after" in rec and "rf.L0.fiedler" in rec
