@@ -20,6 +20,7 @@ segmenter is built: explicit dims, then an explicit file, then the built-in list
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -27,7 +28,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -307,8 +308,6 @@ def calibrate(model, images, topk: int = RF_CALIBRATE_TOPK, *, pretrained: str |
     total = torch.zeros(encoder.width, dtype=torch.float64, device=dev)
     count = 0
     done = 0
-    import contextlib
-
     with torch.inference_mode():
         for start in range(0, len(items), max(1, batch_size)):
             chunk = items[start:start + batch_size]
