@@ -374,6 +374,10 @@ def test_options_are_validated():
                 dict(attn_condition="maybe"), dict(lam=0.3)):
         with pytest.raises(RfclipError):
             build_method("rfclip", **bad)
+    m = build_method("rfclip", alpha="0.3", embed_redistribution="false", embed_kernel="5", tau="0.01")
+    assert (m.alpha, m.embed_redistribution, m.embed_kernel, m.tau) == (0.3, False, 5, 0.01)
+    with pytest.raises(RfclipError):
+        build_method("rfclip", attn_redistribution="sometimes")
     m = build_method("rfclip_nodefocus")
     assert m.redistribute_to == "non_distraction" and isinstance(m, RFCLIP)
     assert not build_method("kk_proxy_baseline").detects

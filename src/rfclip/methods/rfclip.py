@@ -340,6 +340,7 @@ class RFCLIP(Method):
     redistribute_proxy: bool = False
 
     def __post_init__(self) -> None:
+        self._coerce_types()
         _check_choice("phi_norm", self.phi_norm, PHI_NORMS)
         _check_choice("attn_rule", self.attn_rule, ATTN_RULES)
         _check_choice("embed_channels", self.embed_channels, EMBED_CHANNELS)
@@ -370,6 +371,26 @@ class RFCLIP(Method):
         self._dims_source: str | None = None
         self._model_name: str | None = None
         self._dims_cache: dict[torch.device, Tensor] = {}
+
+    def _coerce_types(self) -> None:
+        """Options given as strings (command line) become the type of their default."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default
+            if value is None or isinstance(default, str) or default is None or default is dataclasses.MISSING:
+                continue
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    b = _as_bool_or_auto(value)
+                    if b is None:
+                        raise ValueError(f"{f.name} must be true or false, got {value!r}")
+                    setattr(self, f.name, b)
+            elif isinstance(default, int):
+                setattr(self, f.name, int(value))
+            elif isinstance(default, float):
+                setattr(self, f.name, float(value))
+        if self.tau is not None:
+            self.tau = float(self.tau)
 
     # ------------------------------------------------------------------------------------------ setup
     @property
@@ -484,9 +505,10 @@ class RFCLIP(Method):
         A = softmax_attention(q, k, ctx.scale)  # (B, H, T, T)
         return A.mean(1)[:, 1:, 1:].mean(1)
 
-    def _accumulate(self, st: dict, key: str, value: Tensor) -> None:
+    def _accumulate(self, st: dict, key: str, value: Tensor, own: bool = False) -> None:
+        """Add ``value`` to the running sum ``key``; ``own``: the sum may take ``value`` itself (not modified later)."""
         if st[key] is None:
-            st[key] = value.clone()
+            st[key] = value if own else value.clone()
         else:
             st[key].add_(value)
         st[key.replace("_sum", "_count")] += 1
@@ -497,7 +519,7 @@ class RFCLIP(Method):
         kk = None
         if st["rf_need_kk_sum"]:
             kk = softmax_attention(k, k, ctx.scale)  # (B, H, T, T) fp32
-            self._accumulate(st, "rf_kk_sum", kk)
+            self._accumulate(st, "rf_kk_sum", kk, own=True)
         active = (st["rf_dis_any"] and layer in st["rf_layers"]
                   and (self.attn_redistribution or self.suppress_mode == "mask"))
         if not active and not st["rf_need_qk_sum"] and not rec:
@@ -519,29 +541,29 @@ class RFCLIP(Method):
             ctx.log(f"rf.L{layer}.attn_after", A.mean(1))
         return A
 
-    def _similarity(self, ctx: ForwardContext, A: Tensor, q: Tensor, k: Tensor, kk: Tensor | None) -> Tensor | None:
-        """The cut's affinity source (B, H, T, T) before head reduction, or None when there is none yet.
-
-        The running sums already include this layer; ``preceding_only`` takes it back out.
-        """
+    def _similarity(self, ctx: ForwardContext, A: Tensor, q: Tensor, k: Tensor,
+                    kk: Tensor | None) -> tuple[Tensor, float] | None:
+        """The cut's affinity source ``(S, n)``: the graph is ``S / n`` (S: (B, H, T, T) before the head reduction),
+        or None when there is no graph yet. The running sums already include this layer; ``preceding_only`` takes
+        it back out."""
         st = ctx.store
         sim = self.defocus_sim
         if sim == "kk_avg":
             if self.defocus_sim_layers == "preceding_only":
                 if st["rf_kk_count"] <= 1:
                     return None
-                return (st["rf_kk_sum"] - kk) / (st["rf_kk_count"] - 1)
-            return st["rf_kk_sum"] / st["rf_kk_count"]
+                return st["rf_kk_sum"] - kk, st["rf_kk_count"] - 1
+            return st["rf_kk_sum"], st["rf_kk_count"]
         if sim == "kk_cur":
-            return kk if kk is not None else softmax_attention(k, k, ctx.scale)
+            return (kk if kk is not None else softmax_attention(k, k, ctx.scale)), 1
         if sim == "qk_cur":
-            return A
+            return A, 1
         # qk_avg
         if self.defocus_sim_layers == "preceding_only":
             if st["rf_qk_count"] <= 1:
                 return None
-            return (st["rf_qk_sum"] - A) / (st["rf_qk_count"] - 1)
-        return st["rf_qk_sum"] / st["rf_qk_count"]
+            return st["rf_qk_sum"] - A, st["rf_qk_count"] - 1
+        return st["rf_qk_sum"], st["rf_qk_count"]
 
     def _targets(self, ctx: ForwardContext, layer: int, A: Tensor, q: Tensor, k: Tensor,
                  kk: Tensor | None) -> Tensor | None:
@@ -551,16 +573,17 @@ class RFCLIP(Method):
             return None
         if self.redistribute_to == "non_distraction":
             return ~dis
-        src = self._similarity(ctx, A, q, k, kk)
-        if src is None:  # no graph yet (layer 0 with preceding_only): fall back to all non-distraction tokens
+        sim = self._similarity(ctx, A, q, k, kk)
+        if sim is None:  # no graph yet (layer 0 with preceding_only): fall back to all non-distraction tokens
             return ~dis
+        src, n = sim
         with no_autocast(A.device):
             if self.defocus_sim_heads == "mean":
-                S = src[:, :, 1:, 1:].float().mean(1)  # (B, N, N)
+                S = src[:, :, 1:, 1:].float().mean(1) / n  # (B, N, N)
                 d = dis
                 col = A.mean(1)[:, 1:, 1:].mean(-2) if self.fg_rule == "less_attended" else None
             else:
-                S = src[:, :, 1:, 1:].float()  # (B, H, N, N)
+                S = src[:, :, 1:, 1:].float() / n  # (B, H, N, N)
                 d = dis.unsqueeze(1)
                 col = A[:, :, 1:, 1:].mean(-2) if self.fg_rule == "less_attended" else None
             target, y = defocused_tokens(symmetrize(S), d, self.cut_threshold, self.fg_rule, col,
