@@ -75,6 +75,10 @@ def files(tmp_path_factory):
     (root / "empty_classes.txt").write_text("# nothing here\n\n")
     (root / "classes.txt").write_text("# classes\nred, crimson\ngreen\nblue  # the sky\n")
     (root / "a_file").write_text("x")
+    (root / "folder").mkdir()
+    Image.open(root / "a.jpg").save(root / "folder" / "d.png")
+    (root / "folder" / "readme.txt").write_text("not an image, skipped\n")
+    (root / "no_images").mkdir()
     return root
 
 
@@ -141,11 +145,12 @@ def test_segment_two_images_batched(files, capsys):
 def test_segment_default_method(files, capsys):
     out = files / "out_default"
     code, stdout, stderr = run_cli(
-        capsys, "segment", files / "a.jpg", "--classes", "red;green,lime;blue", "--option", "distraction_dims=1,2,3",
+        capsys, "segment", files / "folder", "--classes", "red;green,lime;blue", "--option", "distraction_dims=1,2,3",
         "--checkpoint", files / "vitb16.safetensors", "--out", out, "--quiet", *FAST)
     assert code == 0, stderr
     assert stdout == "" and stderr == ""
-    record = check_outputs(out, files / "a.jpg", ["red", "green", "blue"], "rfclip")
+    assert listing(out) == ["d.json", "d_mask.png", "d_overlay.png"]  # the folder's image files only
+    record = check_outputs(out, files / "folder" / "d.png", ["red", "green", "blue"], "rfclip")
     assert record["classes"][1]["synonyms"] == ["green", "lime"]
 
 
@@ -174,6 +179,7 @@ BAD_INPUTS = {
     "corrupt jpeg": (["{d}/garbage.jpg"], [], "cannot read image"),
     "truncated png": (["{d}/truncated.png"], [], "truncated"),
     "one bad image among good ones": (["{d}/a.jpg", "{d}/garbage.jpg"], [], "garbage.jpg"),
+    "folder without images": (["{d}/no_images"], [], "holds no image files"),
     "empty classes": (["{d}/a.jpg"], ["--classes", ""], "empty class list"),
     "only separators": (["{d}/a.jpg"], ["--classes", ";;"], "empty class list"),
     "empty classes file": (["{d}/a.jpg"], ["--classes-file", "{d}/empty_classes.txt"], "lists no classes"),

@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if type(err).__name__ == "OutOfMemoryError":
             _error(f"out of GPU memory ({str(err).splitlines()[0] if str(err) else 'CUDA OOM'}); "
-                   "use a smaller --batch-size, --precision fp16/bf16, or --device cpu")
+                   "use a smaller --batch-size (crops per forward pass) or --device cpu")
             return 2
         detail = str(err).splitlines()[0] if str(err) else ""
         _error(f"unexpected {type(err).__name__}{': ' + detail if detail else ''} "
