@@ -40,6 +40,7 @@ class InferenceConfig:
     pamr_dilations: tuple[int, ...] = PAMR_DILATIONS
     batch_size: int = 64  # crops per forward (bounds memory on large images)
     precision: str = "auto"  # "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU) | "fp32" | "bf16" | "fp16"
+    compile: bool = False  # torch.compile the encoder forward (pays off on GPU over many images; first calls compile)
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -128,15 +129,37 @@ def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tup
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = run in fp32)."""
-    precision = precision.lower()
+    """The autocast dtype for ``precision`` on ``device`` (None = run in fp32).
+
+    ``auto`` is bf16 on CUDA (fp16 where bf16 is not supported) and fp32 elsewhere: CPUs without native bf16
+    matrix units run bf16 slower than fp32. An explicit ``bf16``/``fp16`` runs autocast on any device whose
+    autocast supports that dtype (CPU: bf16, and fp16 in recent torch); otherwise it is a user error.
+    """
+    precision = str(precision).lower()
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise RfclipError(f"unknown precision '{precision}'; choose auto, fp32, bf16 or fp16")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type != "cuda" and not _autocast_supports(device.type, dtype):
+        raise RfclipError(f"precision '{precision}' is not supported on {device.type} by torch {torch.__version__} "
+                          f"(autocast); use precision fp32{' or bf16' if dtype == torch.float16 else ''}")
+    return dtype
+
+
+def _autocast_supports(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.autocast(device_type, dtype)`` really switches autocast on (older torch only warns)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device_type, dtype=dtype):
+                return bool(torch.is_autocast_enabled(device_type))
+    except (RuntimeError, TypeError):
+        return False
 
 
 _UPSAMPLE_BUDGET = 1 << 26  # elements of upsampled crop logits held at once (256 MB in fp32)
@@ -157,11 +180,14 @@ def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, c
     device = images[0].device
     text_features = text.features.to(device=device, dtype=torch.float32)  # (Q, D)
     canvases = [torch.zeros(text_features.shape[0], *img.shape[-2:], device=device) for img in images]
-    counts = [torch.zeros(1, *img.shape[-2:], device=device) for img in images]
+    counts = []  # how many windows cover each pixel: built on the host once per image, not per crop on the device
     by_shape: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int]]]] = {}
     for idx, img in enumerate(images):
+        count = np.zeros((1, *img.shape[-2:]), dtype=np.float32)
         for win in sliding_windows(img.shape[-2], img.shape[-1], crop, stride):
             by_shape.setdefault((win[1] - win[0], win[3] - win[2]), []).append((idx, win))
+            count[:, win[0]:win[1], win[2]:win[3]] += 1
+        counts.append(torch.from_numpy(count).to(device))
     needs_text = getattr(method, "needs_text_in_forward", False)
     for shape, crops in by_shape.items():
         for chunk in _chunks(crops, batch_size):
@@ -176,28 +202,87 @@ def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, c
                 up = F.interpolate(logits[start:start + per_step], size=shape, mode="bilinear", align_corners=False)
                 for crop_logits, (i, (y1, y2, x1, x2)) in zip(up, chunk[start:start + per_step]):
                     canvases[i][:, y1:y2, x1:x2] += crop_logits
-                    counts[i][:, y1:y2, x1:x2] += 1
-    return [canvas / count for canvas, count in zip(canvases, counts)]
+    return [canvas.div_(count) for canvas, count in zip(canvases, counts)]
 
 
 # ------------------------------------------------------------------------------------------- post-processing
-def class_probabilities(logits: Tensor, text: TextQueries, logit_scale: float, rows_per_chunk: int = 256) -> Tensor:
-    """``softmax_q(logit_scale * logits)`` then the max over each class's synonyms.
+_RESIZE_BUDGET = 1 << 25  # elements of resized (full-resolution) logits held at once (128 MB in fp32)
 
-    ``logits`` (Q, H, W) -> (C, H, W) fp32. Rows are processed in chunks so that large images stay within memory.
+
+def _channel_ranges(num: int, size: tuple[int, int], budget: int = _RESIZE_BUDGET) -> list[tuple[int, int]]:
+    step = max(1, budget // max(1, size[0] * size[1]))
+    return [(q0, min(num, q0 + step)) for q0 in range(0, num, step)]
+
+
+def _resized(logits: Tensor, q0: int, q1: int, size: tuple[int, int]) -> Tensor:
+    """Channels ``q0:q1`` of ``logits`` (Q, h, w) bilinearly resized to ``size`` (fp32). Channels are resized
+    independently, so resizing a few at a time gives exactly the numbers of resizing them all at once."""
+    part = logits[q0:q1]
+    if tuple(part.shape[-2:]) == tuple(size):  # bilinear with align_corners=False to the same size is the identity
+        return part.float()
+    return F.interpolate(part[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _best_query(logits: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, list, Tensor | None]:
+    """Max and argmax over queries of the resized logits, a few channels at a time. Returns ``(top (H, W),
+    best (H, W) long, channel ranges, the resized logits when they fit in one chunk (else None))``."""
+    ranges = _channel_ranges(logits.shape[0], size)
+    top = best = whole = None
+    for q0, q1 in ranges:
+        lg = _resized(logits, q0, q1, size)
+        if len(ranges) == 1:
+            whole = lg
+        m, i = lg.max(dim=0)
+        if top is None:
+            top, best = m, i
+        else:  # strict: ties keep the earlier query, as one argmax over all queries
+            upd = m > top
+            top, best = torch.where(upd, m, top), torch.where(upd, i + q0, best)
+    return top, best, ranges, whole
+
+
+def class_probabilities(logits: Tensor, text: TextQueries, logit_scale: float,
+                        size: tuple[int, int] | None = None) -> Tensor:
+    """``softmax_q(logit_scale * resize(logits))`` then the max over each class's synonyms.
+
+    ``logits`` (Q, h, w) -> (C, H, W) fp32 at ``size`` (default: the logits' own size). The resize and the softmax
+    go a few query channels at a time (a max pass, then an exp pass), so that beside the output only
+    O(H * W) memory is needed: no full-resolution (Q, H, W) logits on large images.
     """
-    Q, H, W = logits.shape
+    Q = logits.shape[0]
+    size = tuple(size or logits.shape[-2:])
     C = text.num_classes
     query_class = text.query_class.to(logits.device)
     plain = Q == C and bool((query_class == torch.arange(C, device=logits.device)).all())
-    probs = torch.empty(C, H, W, dtype=torch.float32, device=logits.device)
-    for y in range(0, H, rows_per_chunk):
-        p = (logits[:, y:y + rows_per_chunk].float() * logit_scale).softmax(dim=0)  # (Q, h, W)
-        if not plain:
-            out = torch.zeros(C, *p.shape[1:], device=p.device)
-            p = out.scatter_reduce(0, query_class.view(Q, 1, 1).expand_as(p), p, reduce="amax", include_self=False)
-        probs[:, y:y + rows_per_chunk] = p
-    return probs
+    top, _, ranges, whole = _best_query(logits, size)
+    probs = (torch.empty if plain else torch.zeros)(C, *size, dtype=torch.float32, device=logits.device)
+    total = torch.zeros(size, dtype=torch.float32, device=logits.device)
+    for q0, q1 in ranges:
+        lg = whole if whole is not None else _resized(logits, q0, q1, size)
+        e = lg.sub(top).mul_(logit_scale).exp_()  # (k, H, W), exp(s (l - l_max)) <= 1
+        total += e.sum(dim=0)
+        if plain:
+            probs[q0:q1] = e
+        else:  # max over synonyms; the common normaliser keeps the order
+            probs.scatter_reduce_(0, query_class[q0:q1].view(-1, 1, 1).expand_as(e), e, reduce="amax")
+    return probs.div_(total)
+
+
+def class_mask(logits: Tensor, text: TextQueries, logit_scale: float, prob_thd: float = 0.0,
+               background_class: int = 0, size: tuple[int, int] | None = None) -> Tensor:
+    """The mask of :func:`postprocess` without the (C, H, W) probabilities: the class of the best query (the
+    softmax is monotonic and a class scores as the max over its synonyms) and, where ``prob_thd`` is set, the best
+    probability ``1 / sum_q exp(s (l_q - l_max))``. ``logits`` (Q, h, w) -> (H, W) long at ``size``."""
+    size = tuple(size or logits.shape[-2:])
+    top, best, ranges, whole = _best_query(logits, size)
+    mask = text.query_class.to(logits.device)[best]
+    if prob_thd > 0:
+        total = torch.zeros(size, dtype=torch.float32, device=logits.device)
+        for q0, q1 in ranges:
+            lg = whole if whole is not None else _resized(logits, q0, q1, size)
+            total += lg.sub(top).mul_(logit_scale).exp_().sum(dim=0)
+        mask[total.reciprocal_() < prob_thd] = background_class
+    return mask
 
 
 def suppress_small_areas(probs: Tensor, area_thd: float) -> Tensor:
@@ -205,10 +290,9 @@ def suppress_small_areas(probs: Tensor, area_thd: float) -> Tensor:
     probability 0 everywhere. ``probs`` (C, H, W), changed in place and returned."""
     pred = probs.argmax(0)
     areas = torch.bincount(pred.flatten(), minlength=probs.shape[0]).float()
-    foreground = areas[1:].sum()
-    for c in range(1, probs.shape[0]):
-        if areas[c] <= area_thd * foreground:
-            probs[c] = 0
+    small = areas <= area_thd * areas[1:].sum()
+    small[0] = False
+    probs[small] = 0  # one masked write (no per-class host sync on GPU)
     return probs
 
 
@@ -220,15 +304,19 @@ def postprocess(logits: Tensor, text: TextQueries, cfg: InferenceConfig, out_siz
     softmax over queries with ``logit_scale``; max over synonyms; optional ``area_thd``; argmax; pixels whose best
     probability is below ``prob_thd`` become ``background_class``.
     """
-    logits = F.interpolate(logits[None].float(), size=out_size, mode="bilinear", align_corners=False)[0]
+    out_size = (int(out_size[0]), int(out_size[1]))
     if cfg.pamr:
         from .pamr import pamr
 
         if guide is None:
             raise ValueError("PAMR needs the guidance image")
+        logits = _resized(logits, 0, logits.shape[0], out_size)  # PAMR refines full-resolution maps
         guide = F.interpolate(guide[None].float(), size=out_size, mode="bilinear", align_corners=False)
         logits = pamr(guide, logits[None], num_iter=cfg.pamr_steps, dilations=tuple(cfg.pamr_dilations))[0]
-    probs = class_probabilities(logits, text, cfg.logit_scale)
+    # Without PAMR the resize to out_size happens inside, a few channels at a time (bounded memory).
+    if not return_probs and cfg.area_thd is None:  # the mask alone: no (C, H, W) probabilities in memory
+        return class_mask(logits, text, cfg.logit_scale, cfg.prob_thd, cfg.background_class, out_size), None
+    probs = class_probabilities(logits, text, cfg.logit_scale, out_size)
     del logits
     if cfg.area_thd is not None:
         probs = suppress_small_areas(probs, cfg.area_thd)

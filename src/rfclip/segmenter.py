@@ -85,6 +85,7 @@ class Segmenter:
             self.clip = model
             self.clip.model.to(self.device)
         self.encoder = DenseCLIP(self.clip.model.visual).to(self.device)
+        self._compiled: dict = {}  # the torch.compile'd encoder, shared with with_config copies
         self.method.prepare(self.clip)
         self.text = TextClassifier(self.clip, templates=templates, device=self.device, cache_dir=text_cache)
 
@@ -101,6 +102,15 @@ class Segmenter:
         clone.amp_dtype = autocast_dtype(self.device, clone.config.precision)
         return clone
 
+    def forward_encoder(self):
+        """The encoder that runs the crops: :attr:`encoder`, or its ``torch.compile`` version with ``compile=True``
+        (compiled once, on first use; the method's hooks are traced with it)."""
+        if not self.config.compile:
+            return self.encoder
+        if "encoder" not in self._compiled:
+            self._compiled["encoder"] = torch.compile(self.encoder)
+        return self._compiled["encoder"]
+
     @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray], text: TextQueries, return_probs: bool = True):
         """Segment uint8 RGB arrays with an embedded vocabulary; crops of all images share forwards.
@@ -109,11 +119,13 @@ class Segmenter:
         """
         cfg = self.config
         inputs = [preprocess(img, cfg.short_side, self.device) for img in images]
-        logits = dense_logits(self.encoder, self.method, inputs, text, cfg.slide_crop, cfg.slide_stride,
+        logits = dense_logits(self.forward_encoder(), self.method, inputs, text, cfg.slide_crop, cfg.slide_stride,
                               cfg.batch_size, self.amp_dtype)
         results = []
-        for img, x, lg in zip(images, inputs, logits):
-            results.append(postprocess(lg, text, cfg, img.shape[:2], guide=x, return_probs=return_probs))
+        for i, img in enumerate(images):
+            lg, logits[i] = logits[i], None  # free each image's logits once it is done (large images)
+            results.append(postprocess(lg, text, cfg, img.shape[:2], guide=inputs[i], return_probs=return_probs))
+            inputs[i] = None
         return results
 
     def segment(self, image, classes: str | Sequence[ClassSpec] | TextQueries,
