@@ -198,3 +198,12 @@ def test_line_plot():
     # Degenerate inputs still draw.
     assert viz.line_plot(np.zeros(5), [2]).size == (900, 300)
     assert viz.line_plot(np.array([1.0, np.nan, 2.0, 3.0]), [0, 99]).size == (900, 300)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """Files are staged with mkstemp (private, 0600) but must end up with the usual umask-based mode."""
+    from rfclip._io import default_file_mode
+    from rfclip.viz import save_image_atomic
+
+    path = save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "x.png")
+    assert (path.stat().st_mode & 0o777) == default_file_mode()

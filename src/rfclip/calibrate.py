@@ -25,7 +25,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .constants import CLIP_MEAN, CLIP_STD, DISTRACTION_DIMS, RF_CALIBRATE_TOPK
+from ._io import atomic_open
 from .errors import RfclipError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
@@ -114,19 +114,8 @@ def check_dims(dims: Any, width: int | None = None, where: str = "distraction_di
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; the cache file is ordinary data
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
 
 
 def builtin_dims(clip) -> tuple[int, ...] | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import default_file_mode
 from ..errors import RfclipError
 from . import common
 
@@ -161,12 +162,6 @@ def save_mask(path: Path, mask: np.ndarray, num_classes: int) -> None:
         viz.save_image_atomic(Image.fromarray(mask.astype(np.uint16)), path)
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_outputs(paths: dict[str, Path], image: np.ndarray, seg, record: dict, alpha: float) -> None:
     """Write the three files of one image: each to a temporary name first, then renamed into place, so that an
     error leaves no partial file (and no file of this image unless all three were written)."""
@@ -181,7 +176,7 @@ def write_outputs(paths: dict[str, Path], image: np.ndarray, seg, record: dict, 
         with open(staged["json"], "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, default=str)
             f.write("\n")
-        mode = _file_mode()
+        mode = default_file_mode()
         for key, target in paths.items():
             os.chmod(staged[key], mode)  # temporary files are created 0600; outputs get the usual permissions
             os.replace(staged[key], target)
