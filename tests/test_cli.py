@@ -333,3 +333,44 @@ def test_registry_skips_only_missing_subcommand_modules(monkeypatch):
     monkeypatch.setattr(cli.importlib, "import_module", import_with_missing_dependency)
     with pytest.raises(ModuleNotFoundError, match="somedep"):  # a broken subcommand is not hidden
         _load_module("segment")
+
+
+def test_calibrate_then_segment_with_the_saved_dims(files, capsys, tmp_path):
+    """`rfclip calibrate` writes a dims file that `rfclip segment --method rfclip` then reads."""
+    dims_file = tmp_path / "dims.json"
+    code, out, err = run_cli(capsys, "calibrate", "--checkpoint", files / "tiny.safetensors", "--device", "cpu",
+                             "--topk", "3", "--out", dims_file, files / "folder")
+    assert code == 0, err
+    dims = json.loads(dims_file.read_text())["dims"]
+    assert len(dims) == 3 and all(0 <= d < 64 for d in dims)
+    assert out.strip().splitlines()[-1] == "distraction_dims=" + ",".join(map(str, sorted(dims)))
+    seg_out = tmp_path / "seg"
+    code, _, err = run_cli(capsys, "segment", files / "a.jpg", "--classes", "red;green;blue", "--checkpoint",
+                           files / "tiny.safetensors", "--option", f"dims_file={dims_file}", "--out", seg_out, *FAST)
+    assert code == 0, err
+    assert (seg_out / "a_mask.png").is_file()
+
+
+def test_calibrate_missing_images(files, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "calibrate", "--checkpoint", files / "tiny.safetensors", tmp_path / "nothing")
+    assert code == 2 and err.count("\n") == 1 and "images not found" in err
+
+
+def test_explain_writes_its_pictures(files, capsys, tmp_path):
+    out = tmp_path / "explain"
+    code, stdout, err = run_cli(capsys, "explain", files / "a.jpg", "--classes", "red;green", "--checkpoint",
+                                files / "tiny.safetensors", "--option", "distraction_dims=1,2,3", "--query", "100,50",
+                                "--out", out, *FAST)
+    assert code == 0, err
+    written = {Path(line).name for line in stdout.split()}
+    assert {"attention.png", "tokens.png", "embedding_weights.png", "summary.json"} <= written
+    for name in written:
+        assert (out / name).stat().st_size > 0
+    with Image.open(out / "attention.png") as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_explain_needs_rfclip(files, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "explain", files / "a.jpg", "--checkpoint", files / "tiny.safetensors",
+                           "--method", "naclip", "--out", tmp_path / "x", *FAST)
+    assert code == 2 and "rfclip" in err and err.count("\n") == 1

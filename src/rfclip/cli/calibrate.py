@@ -1,0 +1,60 @@
+"""``rfclip calibrate``: find a backbone's distraction dimensions (RF-CLIP needs them) from a folder of images."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import RfclipError
+from . import common
+
+DESCRIPTION = """\
+Find the distraction dimensions of a CLIP backbone the way the RF-CLIP paper does: the peaks of the
+per-dimension mean normalised embedding weight over a set of images (its Figure 3). The result is saved where
+`rfclip segment --method rfclip` looks for it, so calibrate once per backbone. OpenAI ViT-B-16 and ViT-L-14
+have built-in dimensions and need no calibration."""
+
+EXAMPLES = """\
+examples:
+  rfclip calibrate --model ViT-B-16 --pretrained laion2b_s34b_b88k photos/
+  rfclip calibrate --model ViT-B-16 --checkpoint my_clip.safetensors photos/ --max-images 500
+  rfclip calibrate --model ViT-L-14 --pretrained datacomp_xl_s13b_b90k photos/ --out dims.json
+      (then: rfclip segment IMG --classes ... --option dims_file=dims.json)
+"""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="find a backbone's distraction dimensions for RF-CLIP",
+                              description=DESCRIPTION, epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", metavar="IMAGES", help="a folder of natural images (searched recursively) or one image")
+    p.add_argument("--topk", type=common._positive_int, default=8, metavar="K",
+                   help="number of dimensions to keep (default: 8, as for the paper's backbones)")
+    p.add_argument("--out", metavar="FILE", help="JSON file to write (default: the cache file RF-CLIP reads)")
+    p.add_argument("--max-images", type=common._positive_int, metavar="N", help="use at most N images")
+    p.add_argument("--image-size", type=common._positive_int, metavar="PX",
+                   help="square crop side (default: the model's native input size)")
+    p.add_argument("--batch-size", type=common._positive_int, default=16, metavar="N", help="images per forward")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors and the result")
+    common.add_model_options(p)
+
+
+def run(args) -> int:
+    from ..calibrate import calibrate
+
+    if not os.path.exists(args.images):
+        raise RfclipError(f"images not found: {args.images}; give a folder of images or an image file")
+    common.check_checkpoint_path(args.checkpoint)
+
+    def progress(done: int, total: int) -> None:
+        if not args.quiet and sys.stderr.isatty():
+            print(f"\rcalibrating: {done}/{total} images", end="" if done < total else "\n", file=sys.stderr)
+
+    result = calibrate(args.model, args.images, topk=args.topk, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                       device=args.device, image_size=args.image_size, batch_size=args.batch_size,
+                       max_images=args.max_images, out_file=args.out, precision=args.precision, progress=progress)
+    print(result.summary())
+    print("distraction_dims=" + ",".join(str(d) for d in result.dims))
+    return 0
