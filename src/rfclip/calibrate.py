@@ -101,6 +101,8 @@ def check_dims(dims: Any, width: int | None = None, where: str = "distraction_di
     """Validate a dims list: non-empty, unique integers in ``[0, width)``. Returns a sorted tuple."""
     if isinstance(dims, str):
         dims = [d for d in dims.replace(";", ",").split(",") if d.strip()]
+    elif isinstance(dims, int):  # `--option distraction_dims=4` parses to a single int
+        dims = [dims]
     try:
         out = tuple(sorted({int(d) for d in dims}))
     except (TypeError, ValueError):
@@ -161,7 +163,7 @@ def resolve_distraction_dims(clip, distraction_dims=None, dims_file=None, width:
     raise RfclipError(
         f"RF-CLIP has no distraction dimensions for {name} ({what}); find them once with "
         f"`{calibrate_command(clip)}` (a folder of ~100 or more natural images), or pass "
-        f"distraction_dims=[...] / dims_file=FILE"
+        f"--option distraction_dims=4,162,... / --option dims_file=FILE (Python: distraction_dims=[...])"
     )
 
 

@@ -55,14 +55,15 @@ class Segmenter:
 
     ``model`` is an open_clip model name (with ``pretrained`` tag) or an already loaded
     :class:`rfclip.models.ClipModel`; ``checkpoint`` loads local weights instead (OpenAI ``.pt``, open_clip,
-    ``.safetensors``, Hugging Face folder). ``method`` is a registered method name, optionally with plugins
+    ``.safetensors``, Hugging Face folder); ``quick_gelu`` forces the activation (default: decided by where the
+    weights come from; OpenAI weights use QuickGELU). ``method`` is a registered method name, optionally with plugins
     (``"naclip+fsa"``). Keyword ``options`` go to :class:`rfclip.inference.InferenceConfig` (``slide_crop``,
     ``pamr``, ``prob_thd``, ...) or to the method (e.g. RF-CLIP's ``alpha``); unknown names are an error.
     """
 
     def __init__(self, model="ViT-B-16", pretrained: str | None = "openai", method: str = DEFAULT_METHOD,
                  plugins: Sequence[str] = (), checkpoint: str | os.PathLike | None = None, device=None,
-                 templates: Sequence[str] | None = None, text_cache=None, **options):
+                 templates: Sequence[str] | None = None, text_cache=None, quick_gelu: bool | None = None, **options):
         self.device = resolve_device(device)
         method_names = method_option_names(method, plugins)
         config_names = InferenceConfig.field_names()
@@ -80,7 +81,7 @@ class Segmenter:
         if isinstance(model, str):
             from .models.loading import load_clip
 
-            self.clip = load_clip(model, pretrained, checkpoint=checkpoint, device=self.device)
+            self.clip = load_clip(model, pretrained, checkpoint=checkpoint, device=self.device, quick_gelu=quick_gelu)
         else:
             self.clip = model
             self.clip.model.to(self.device)

@@ -52,8 +52,12 @@ def run(args) -> int:
         if not args.quiet and sys.stderr.isatty():
             print(f"\rcalibrating: {done}/{total} images", end="" if done < total else "\n", file=sys.stderr)
 
-    result = calibrate(args.model, args.images, topk=args.topk, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                       device=args.device, image_size=args.image_size, batch_size=args.batch_size,
+    from ..models.loading import load_clip
+    from ..segmenter import resolve_device
+
+    device = resolve_device(args.device)
+    clip = load_clip(args.model, args.pretrained, checkpoint=args.checkpoint, device=device, quick_gelu=args.quick_gelu)
+    result = calibrate(clip, args.images, topk=args.topk, device=device, image_size=args.image_size, batch_size=args.batch_size,
                        max_images=args.max_images, out_file=args.out, precision=args.precision, progress=progress)
     print(result.summary())
     print("distraction_dims=" + ",".join(str(d) for d in result.dims))

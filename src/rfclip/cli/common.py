@@ -68,6 +68,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint", metavar="FILE",
                        help="load weights from a local file or folder instead of downloading (OpenAI .pt, open_clip "
                             ".pt/.bin, .safetensors, Hugging Face folder); --model must name its architecture")
+    group.add_argument("--quick-gelu", dest="quick_gelu", action="store_true", default=None,
+                       help="force QuickGELU (OpenAI weights re-saved as plain fp32 state dicts; default: decided "
+                            "from the checkpoint's origin)")
     group.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
 
 
@@ -86,6 +89,9 @@ def add_method_options(parser: argparse.ArgumentParser, default_method: str | No
                        help="a method or inference option (repeatable), e.g. --option gaussian_std=3 or "
                             "--option distraction_dims=4,162,474; values are read as int, float, true/false, "
                             "none or comma-separated lists")
+    group.add_argument("--vfm", metavar="NAME", help="vision foundation model of proxyclip (timm name or dino, "
+                       "dino_b16, dinov2, mae; default: DINO ViT-B/8)")
+    group.add_argument("--vfm-checkpoint", metavar="FILE", help="local weights for --vfm (safetensors or PyTorch file)")
 
 
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +169,9 @@ def inference_options(args: argparse.Namespace) -> dict[str, Any]:
 def segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
     """Flags plus ``--option`` items, checked for clashes."""
     options = inference_options(args)
+    for flag in ("vfm", "vfm_checkpoint"):  # method options with their own flags
+        if getattr(args, flag, None) is not None:
+            options[flag] = getattr(args, flag)
     extra = parse_options(getattr(args, "option", []) or [])
     for key in extra:
         if key in options:
@@ -208,7 +217,8 @@ def build_segmenter(args: argparse.Namespace, **overrides):
     options = segmenter_options(args)
     options.update(overrides)
     return Segmenter(args.model, args.pretrained, method=args.method, plugins=tuple(args.plugin or ()),
-                     checkpoint=args.checkpoint, device=args.device, **options)
+                     checkpoint=args.checkpoint, device=args.device, quick_gelu=getattr(args, "quick_gelu", None),
+                     **options)
 
 
 def describe_model(segmenter, args: argparse.Namespace) -> dict[str, Any]:
