@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from conftest import make_clip
+
 import rfclip.methods.fsa as fsa_mod
 from rfclip.constants import FSA_LAMBDA
 from rfclip.dense import DenseCLIP
@@ -328,3 +330,29 @@ def test_records_diagnostics(tiny_clip):
     enc(torch.randn(2, 3, 224, 224), build_method("naclip+fsa"), text_features=text, record=record)
     kept = record["fsa_kept_fraction"][0]
     assert kept.shape == (2,) and torch.all((kept > 0.0) & (kept <= 1.0))
+
+
+B16_VISION_TINY_TEXT = dict(embed_dim=512, quick_gelu=True,
+                            vision_cfg=dict(image_size=224, layers=12, width=768, head_width=64, patch_size=16),
+                            text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=1))
+
+
+@pytest.mark.parametrize("base", ["clip", "sclip", "clearclip", "naclip", "rfclip"])
+def test_every_base_with_fsa_on_b16_geometry(base):
+    """``BASE+fsa`` end to end on a random CLIP with ViT-B/16's image encoder (12 blocks, width 768, 14x14 grid per
+    224 crop), two overlapping crops batched in one forward: finite probabilities, the mask at the input size, and
+    a prediction that differs from the base alone (the feedback changed the last block). ``proxyclip+fsa`` at this
+    geometry (with a timm ViT-B/8) is in test_proxyclip.py."""
+    skip_unregistered(base)
+    clip = make_clip(B16_VISION_TINY_TEXT)
+    image = np.random.default_rng(1).integers(0, 256, size=(224, 336, 3), dtype=np.uint8)
+    opts = {"distraction_dims": [4, 162, 474]} if base == "rfclip" else {}
+    probs = {}
+    for spec in (base, f"{base}+fsa"):
+        seg = Segmenter(clip, method=spec, slide_crop=224, slide_stride=112, **FAST, **opts)
+        text = seg.encode_classes("cat;dog;grass;sky;road")
+        (mask, p), = seg.predict([image], text)
+        assert mask.shape == (224, 336) and p.shape == (5, 224, 336)
+        assert torch.isfinite(p).all() and torch.allclose(p.sum(0), torch.ones(()), atol=1e-4)
+        probs[spec] = p
+    assert not torch.equal(probs[base], probs[f"{base}+fsa"])

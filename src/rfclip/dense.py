@@ -93,7 +93,7 @@ class ForwardContext:
 
 def softmax_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
     """``softmax(scale * q k^T + bias)`` over the last axis, computed in fp32. Returns (B, H, T, T)."""
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    logits = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))  # scaling q: one (T, d) pass, not (T, T)
     if bias is not None:
         logits = logits + bias
     return logits.softmax(dim=-1)
