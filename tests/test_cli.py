@@ -374,3 +374,13 @@ def test_explain_needs_rfclip(files, capsys, tmp_path):
     code, _, err = run_cli(capsys, "explain", files / "a.jpg", "--checkpoint", files / "tiny.safetensors",
                            "--method", "naclip", "--out", tmp_path / "x", *FAST)
     assert code == 2 and "rfclip" in err and err.count("\n") == 1
+
+
+def test_inference_flags_reach_the_segmenter_options():
+    from rfclip.cli import build_parser
+    from rfclip.cli.common import segmenter_options
+
+    args = build_parser().parse_args(["segment", "a.jpg", "--classes", "a;b", "--out", "o", "--compile",
+                                      "--precision", "bf16", "--batch-size", "8", "--option", "alpha=0.5"])
+    assert segmenter_options(args) == {"compile": True, "precision": "bf16", "batch_size": 8, "alpha": 0.5}
+    assert segmenter_options(build_parser().parse_args(["segment", "a.jpg", "--classes", "a", "--out", "o"])) == {}

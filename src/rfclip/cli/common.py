@@ -28,6 +28,7 @@ INFERENCE_FLAGS = {
     "pamr": "pamr",
     "batch_size": "batch_size",
     "precision": "precision",
+    "compile": "compile",
 }
 
 
@@ -110,6 +111,9 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
                        help="crops per forward pass; lower it if memory runs out (default: 64)")
     group.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                        help="compute precision (default: auto = bf16/fp16 on CUDA, fp32 on CPU)")
+    group.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the image encoder (pays off on a GPU over many images; the first "
+                            "batches are slow while it compiles)")
 
 
 def method_list() -> str:

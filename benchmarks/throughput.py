@@ -1,0 +1,611 @@
+"""Throughput and peak memory of rfclip's batched inference, per method, and against the per-crop reference loop.
+
+Random ViT-B/16 weights (the real geometry; no download), random unit text embeddings for 21 classes (VOC21; the
+text encoder is not timed), VOC-like images (375 x 500, resized to short side 336 -> 336 x 448, 6 crops of 224 at
+stride 112). Decoding is excluded: images are uint8 arrays in memory. Everything else is timed: resize +
+normalise, all crops through the ViT, logits, overlap averaging, resize to the original size, optional PAMR,
+softmax, argmax, and the masks copied to the host.
+
+    python benchmarks/throughput.py                                   # all methods, CPU or GPU, default precision
+    python benchmarks/throughput.py --reference-loop --json out.json  # + the per-crop fp32 loop of the reference code
+    python benchmarks/throughput.py --device cuda --precision bf16 --batch-size 64 --images 64 --compile
+
+Reported per method: images/s, ms/image, crops/s, peak memory (CUDA: max allocated; CPU: peak RSS of the process
+during the run and its growth over the RSS before the run), analytical ViT TFLOP/s and, with a known peak
+(``--peak-tflops`` or the table below), the fraction of the device's dense bf16 peak; the ratio to plain dense
+``clip`` measured in the same run; and with ``--reference-loop`` the speed-up over the reference's per-crop loop.
+
+Method names are registered rfclip methods with optional plugins (``naclip+fsa``); ``+pamr`` switches on PAMR
+(an inference setting, not a plugin). Unknown methods/plugins are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rfclip.errors import RfclipError
+from rfclip.inference import InferenceConfig, autocast_dtype, preprocess, rescale_size, sliding_windows
+from rfclip.methods import METHODS, PLUGINS, method_option_names, parse_method_spec
+from rfclip.segmenter import Segmenter
+from rfclip.text import TextQueries
+
+DEFAULT_METHODS = "clip,naclip,rfclip,rfclip+plant,rfclip+pamr,naclip+fsa"
+B16_DISTRACTION_DIMS = (4, 162, 189, 326, 429, 474, 633, 713)  # RF-CLIP's ViT-B/16 list (constants.py)
+NUM_CLASSES = 21
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
+# First match wins, so the more specific names come first.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),  # fp16/bf16 with fp32 accumulate
+    ("RTX 3090", 71.0),  # fp16/bf16 with fp32 accumulate
+    ("V100", 125.0),  # fp16 (no bf16 tensor cores)
+    ("T4", 65.0),  # fp16 (no bf16 tensor cores)
+)
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def random_model(name: str, seed: int):
+    """A random-weight CLIP with the real geometry of ``name`` (QuickGELU, as OpenAI's weights)."""
+    try:
+        from rfclip.models.loading import random_clip
+    except ImportError:
+        random_clip = None
+    if random_clip is not None:
+        return random_clip(name, seed=seed)
+    import open_clip
+
+    @dataclasses.dataclass
+    class _Clip:  # the attributes Segmenter uses
+        model: Any
+        tokenizer: Any
+        name: str
+        pretrained: str | None = None
+        source: str = "random"
+        quick_gelu: bool = True
+
+        @property
+        def identity(self) -> str:
+            return f"random|{self.name}|seed={seed}"
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None, force_quick_gelu=True).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return _Clip(model, open_clip.get_tokenizer(name), name)
+
+
+def random_text(num_classes: int, dim: int, seed: int) -> TextQueries:
+    """Random unit query embeddings (the text encoder is not part of what is timed)."""
+    g = torch.Generator().manual_seed(seed)
+    features = F.normalize(torch.randn(num_classes, dim, generator=g), dim=-1)
+    names = [f"class{i}" for i in range(num_classes)]
+    return TextQueries(features, torch.arange(num_classes), names, [[n] for n in names])
+
+
+def voc_like_images(n: int, height: int, width: int, seed: int) -> list[np.ndarray]:
+    """Smooth random images (blurred noise, a few blobs) as uint8 H x W x 3 arrays."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        low = rng.random((3, max(2, height // 32), max(2, width // 32)), dtype=np.float32)
+        up = F.interpolate(torch.from_numpy(low)[None], size=(height, width), mode="bicubic", align_corners=False)[0]
+        noise = torch.from_numpy(rng.normal(0, 0.05, size=(3, height, width)).astype(np.float32))
+        img = ((up + noise).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        images.append(img)
+    return images
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"375x500" -> (375, 500) as (height, width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must be HxW, e.g. 375x500, got {text!r}") from None
+    return h, w
+
+
+def split_spec(spec: str) -> tuple[str, list[str], bool, bool]:
+    """``"rfclip+pamr"`` -> ("rfclip", [], True, False); ``"naclip+fsa"`` -> ("naclip", ["fsa"], False, False);
+    ``"rfclip+plant"`` -> ("rfclip", [], False, True). ``pamr`` and ``plant`` are benchmark modifiers."""
+    base, extra = parse_method_spec(spec)
+    return base, [p for p in extra if p not in ("pamr", "plant")], "pamr" in extra, "plant" in extra
+
+
+def unavailable(spec: str) -> str | None:
+    """Why ``spec`` cannot run here (unregistered method or plugin), or None."""
+    base, plugins, _, _ = split_spec(spec)
+    if base not in METHODS:
+        return f"method '{base}' is not registered (have: {', '.join(sorted(METHODS))})"
+    missing = [p for p in plugins if p not in PLUGINS]
+    if missing:
+        return f"plugin(s) {', '.join(missing)} not registered (have: {', '.join(sorted(PLUGINS)) or 'none'})"
+    return None
+
+
+def method_options(spec: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Options for ``spec``: RF-CLIP's distraction dims for a random model, plus those given that it accepts."""
+    base, plugins, _, _ = split_spec(spec)
+    names = method_option_names(base, plugins)
+    opts = {}
+    if "distraction_dims" in names:
+        opts["distraction_dims"] = B16_DISTRACTION_DIMS
+    opts.update({k: v for k, v in extra.items() if k in names})
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+class Timer:
+    """Wall time of a block, synchronising CUDA on both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0  # process CPU time (all threads): robust to other load on a shared CPU
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._c0 = time.process_time()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self._t0
+        self.cpu_seconds = time.process_time() - self._c0
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory over a block. CUDA: ``max_memory_allocated``. CPU: the process's peak RSS (``VmHWM``, reset
+    through ``/proc/self/clear_refs`` where allowed; otherwise ``getrusage`` ru_maxrss, a lifetime peak)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mib = float("nan")
+        self.growth_mib = float("nan")
+        self.kind = "cuda max allocated" if device.type == "cuda" else "peak RSS"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = _rss_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset VmHWM to the current RSS
+            self._resettable = True
+        except OSError:
+            self._resettable = False
+            self.kind = "lifetime peak RSS (getrusage)"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak_mib = peak / 2**20
+            self.growth_mib = (peak - self._base) / 2**20
+            return
+        hwm = _rss_kib("VmHWM") if self._resettable else None
+        if hwm is None:
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        self.peak_mib = hwm / 1024
+        if self._base is not None:
+            self.growth_mib = (hwm - self._base) / 1024
+
+
+def vit_flops_per_crop(encoder, crop_hw: tuple[int, int], embed_dim: int | None = None) -> float:
+    """Analytical FLOPs (multiply-add = 2 FLOPs) of one ViT forward on a crop: patch embedding, every block's
+    qkv / attention (QK^T and AV) / out-proj / MLP, and the output projection. Method extras (key-key attention,
+    RF-CLIP's redistribution) are not counted, so this is the model's FLOP count, the usual basis of MFU.
+
+    ViT-B/16 at 224: ~35.1 GFLOPs (~17.6 GMACs; tables that say "17.6 GFLOPs" count multiply-adds).
+    """
+    ph, pw = encoder.patch_size
+    n = (crop_hw[0] // ph) * (crop_hw[1] // pw)
+    t = n + 1
+    c = encoder.width
+    mlp = encoder.blocks[0].mlp
+    hidden = next(m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear))
+    per_layer = 2 * t * c * 3 * c + 2 * 2 * t * t * c + 2 * t * c * c + 2 * 2 * t * c * hidden
+    patch = 2 * n * c * 3 * ph * pw
+    proj = 2 * n * c * (embed_dim or c)
+    return float(patch + encoder.num_layers * per_layer + proj)
+
+
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "n/a on CPU"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS:
+        if key.lower() in name.lower():
+            return value, f"table ({key})"
+    return None, f"unknown device '{name}' (give --peak-tflops)"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------------------------- the two pipelines
+def run_pipeline(seg: Segmenter, images: list[np.ndarray], text: TextQueries, images_per_call: int) -> list[np.ndarray]:
+    """rfclip's pipeline: ``Segmenter.predict`` on groups of images (their crops share forwards)."""
+    masks = []
+    for start in range(0, len(images), images_per_call):
+        for mask, _ in seg.predict(images[start:start + images_per_call], text, return_probs=False):
+            masks.append(mask.cpu().numpy())
+    return masks
+
+
+@torch.inference_mode()
+def reference_segment(seg: Segmenter, image: np.ndarray, text: TextQueries) -> np.ndarray:
+    """The reference code's inference (SCLIP / NACLIP / RF-CLIP ``slide_inference`` + ``postprocess_result``),
+    restated: one crop at a time through the ViT in fp32 (batch size 1), each crop's logits upsampled to the crop,
+    zero-padded to the full image and accumulated, a count map, then resize, optional PAMR, softmax, max over
+    synonyms (through a one-hot class-by-query product), argmax. Same encoder and method hooks as the pipeline,
+    so both compute the same numbers; only the execution differs."""
+    cfg = seg.config
+    device = seg.device
+    query_features = text.features.to(device=device, dtype=torch.float32)
+    needs_text = getattr(seg.method, "needs_text_in_forward", False)
+    img = preprocess(image, cfg.short_side, device)[None]  # (1, 3, H, W); the reference resizes in its data pipeline
+    batch_size, _, h_img, w_img = img.shape
+    h_crop = w_crop = cfg.slide_crop
+    h_stride = w_stride = cfg.slide_stride
+    num_queries = query_features.shape[0]
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    preds = img.new_zeros((batch_size, num_queries, h_img, w_img))
+    count_mat = img.new_zeros((batch_size, 1, h_img, w_img))
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y1 = h_idx * h_stride
+            x1 = w_idx * w_stride
+            y2 = min(y1 + h_crop, h_img)
+            x2 = min(x1 + w_crop, w_img)
+            y1 = max(y2 - h_crop, 0)
+            x1 = max(x2 - w_crop, 0)
+            crop_img = img[:, :, y1:y2, x1:x2]
+            # forward_feature: image features -> cosine logits -> (1, Q, h, w) -> bilinear to the crop size
+            features, (gh, gw) = seg.encoder(crop_img, seg.method, text_features=query_features if needs_text else None)
+            logits = features @ query_features.T
+            logits = logits.permute(0, 2, 1).reshape(-1, num_queries, gh, gw)
+            crop_seg_logit = F.interpolate(logits, size=crop_img.shape[-2:], mode="bilinear")
+            preds += F.pad(crop_seg_logit, (int(x1), int(preds.shape[3] - x2), int(y1), int(preds.shape[2] - y2)))
+            count_mat[:, :, y1:y2, x1:x2] += 1
+    assert (count_mat == 0).sum() == 0
+    seg_logits = preds / count_mat
+    size = image.shape[:2]
+    seg_logits = F.interpolate(seg_logits, size=size, mode="bilinear")
+    if cfg.pamr:
+        from rfclip.pamr import pamr
+
+        guide = F.interpolate(img, size=size, mode="bilinear")
+        seg_logits = pamr(guide, seg_logits, num_iter=cfg.pamr_steps, dilations=tuple(cfg.pamr_dilations))
+    # postprocess_result
+    seg_logits = seg_logits[0] * cfg.logit_scale
+    seg_logits = seg_logits.softmax(0)  # n_queries * w * h
+    num_cls = text.num_classes
+    if num_cls != num_queries:
+        seg_logits = seg_logits.unsqueeze(0)
+        cls_index = F.one_hot(text.query_class.to(device))
+        cls_index = cls_index.T.view(num_cls, num_queries, 1, 1)
+        seg_logits = (seg_logits * cls_index).max(1)[0]
+    seg_pred = seg_logits.argmax(0, keepdim=True)
+    if cfg.prob_thd > 0:
+        seg_pred[seg_logits.max(0, keepdim=True)[0] < cfg.prob_thd] = cfg.background_class
+    return seg_pred[0].cpu().numpy()
+
+
+def run_reference(seg: Segmenter, images: list[np.ndarray], text: TextQueries) -> list[np.ndarray]:
+    return [reference_segment(seg, img, text) for img in images]
+
+
+# ---------------------------------------------------------------------------------------------- RF-CLIP's work
+class PlantedDistractors:
+    """Wraps a method and plants distraction tokens: before every layer, ``tokens`` patch tokens of each crop get a
+    massive activation (50 x the token's std) in the first two distraction dims, as CLIP's real distraction tokens
+    have. Random weights give RF-CLIP few or no distraction tokens, so its per-layer work (attention redistribution,
+    normalized cut) would be skipped; planted tokens make every layer of every crop do it: the worst case.
+    Timing only (the outputs change)."""
+
+    def __init__(self, base, tokens: int, dims: tuple[int, ...]):
+        self.base = base
+        self.tokens = tokens
+        self.dims = dims[:2]
+
+    def __getattr__(self, item):  # everything else is the base method's
+        return getattr(self.base, item)
+
+    def layer_input(self, ctx, layer, x):
+        n = x.shape[1] - 1
+        idx = torch.linspace(0, n - 1, self.tokens + 2, device=x.device)[1:-1].round().long() + 1
+        dims = torch.tensor(self.dims, device=x.device)
+        x = x.clone()
+        std = x[:, idx].float().std(-1, keepdim=True)  # (B, k, 1)
+        x[:, idx.unsqueeze(-1), dims] = (50 * std).to(x.dtype).expand(-1, -1, len(self.dims))
+        return self.base.layer_input(ctx, layer, x)
+
+
+def method_diagnostics(seg: Segmenter, image: np.ndarray, text: TextQueries) -> dict[str, Any] | None:
+    """RF-CLIP's distraction tokens found per layer on one image's crops (mean per crop), from the forward's
+    diagnostics (``record``); None for methods that record no ``rf.L*.dis``."""
+    cfg = seg.config
+    x = preprocess(image, cfg.short_side, seg.device)
+    wins = sliding_windows(x.shape[-2], x.shape[-1], cfg.slide_crop, cfg.slide_stride)
+    crops = torch.stack([x[:, y1:y2, x1:x2] for y1, y2, x1, x2 in wins])
+    record: dict[str, list] = {}
+    tf = text.features.to(seg.device, torch.float32)
+    with torch.inference_mode():
+        seg.encoder(crops, seg.method, text_features=tf if seg.method.needs_text_in_forward else None, record=record)
+    per_layer = {}
+    for key, values in record.items():
+        if key.startswith("rf.L") and key.endswith(".dis"):
+            per_layer[int(key[4:-4])] = float(torch.cat(values).float().sum(-1).mean())
+    if not per_layer:
+        return None
+    counts = [round(per_layer.get(layer, 0.0), 2) for layer in range(seg.encoder.num_layers)]
+    return {"distraction_tokens_per_crop_by_layer": counts, "layers_with_distraction": sum(c > 0 for c in counts),
+            "crops": len(wins), "patches_per_crop": int(crops.shape[-2] // seg.encoder.patch_size[0]
+                                                          * (crops.shape[-1] // seg.encoder.patch_size[1]))}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_segmenter(clip, spec: str, args, device: torch.device) -> Segmenter:
+    base, plugins, use_pamr, plant = split_spec(spec)
+    opts = method_options(spec, args.method_option)
+    seg = Segmenter(clip, method=base, plugins=plugins, device=device, text_cache=False, templates=["{}"],
+                    batch_size=args.batch_size, precision=args.precision, pamr=use_pamr, compile=args.compile,
+                    **opts)
+    if plant:
+        seg.method = PlantedDistractors(seg.method, args.plant_tokens, B16_DISTRACTION_DIMS)
+    return seg
+
+
+def measure(fn, device: torch.device) -> tuple[Timer, PeakMemory, Any]:
+    with PeakMemory(device) as mem:
+        with Timer(device) as t:
+            result = fn()
+    return t, mem, result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated method specs; '+pamr' turns PAMR on, '+plant' plants distraction tokens "
+                        f"(default: {DEFAULT_METHODS})")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name for the random-weight model")
+    p.add_argument("--images", type=int, default=16, help="number of timed images per method")
+    p.add_argument("--image-size", type=parse_size, default=(375, 500), help="HxW of the images (default 375x500)")
+    p.add_argument("--images-per-call", type=int, default=8,
+                   help="images per Segmenter.predict call; their crops share forwards (default 8)")
+    p.add_argument("--batch-size", type=int, default=64, help="crops per forward (default 64)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder forward")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up calls per method before timing (default 1)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed rounds over all methods (interleaved); the fastest round per method counts")
+    p.add_argument("--reference-loop", action="store_true",
+                   help="also time the reference code's per-crop fp32 loop (batch 1) for every method")
+    p.add_argument("--reference-images", type=int, default=None,
+                   help="images for the reference loop (default: --images)")
+    p.add_argument("--plant-tokens", type=int, default=4, help="distraction tokens planted per crop by '+plant'")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak (dense bf16) TFLOP/s for the %% column")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra method option (Python literal), given to every method that accepts it")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    import ast
+
+    opts = {}
+    for item in args.method_option:
+        name, _, value = item.partition("=")
+        try:
+            opts[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            opts[name] = value
+    args.method_option = opts
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = autocast_dtype(device, args.precision)
+    precision_used = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+    clip = random_model(args.model, args.seed)
+    clip.model.to(device)
+    text = random_text(NUM_CLASSES, clip.model.visual.output_dim, args.seed)
+    images = voc_like_images(args.images, *args.image_size, seed=args.seed)
+    ref_images = images[: args.reference_images or args.images]
+    cfg = InferenceConfig()
+    resized = rescale_size(*args.image_size, cfg.short_side)
+    crops_per_image = len(sliding_windows(*resized, cfg.slide_crop, cfg.slide_stride))
+    peak, peak_src = peak_tflops(device, args.peak_tflops)
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "command": "python " + " ".join(sys.argv if argv is None else ["benchmarks/throughput.py", *argv]),
+        "model": f"{args.model} (random weights, seed {args.seed})",
+        "precision": precision_used,
+        "batch_size": args.batch_size,
+        "images": args.images,
+        "reference_images": len(ref_images) if args.reference_loop else 0,
+        "images_per_call": args.images_per_call,
+        "image_size": list(args.image_size),
+        "resized": list(resized),
+        "crops_per_image": crops_per_image,
+        "compile": args.compile,
+        "repeats": args.repeats,
+        "peak_tflops": peak,
+        "peak_source": peak_src,
+    }
+    print(f"# {info['device']} | torch {torch.__version__} | {info['model']} | {precision_used} | "
+          f"batch {args.batch_size} | {args.images} images {args.image_size[0]}x{args.image_size[1]} -> "
+          f"{resized[0]}x{resized[1]}, {crops_per_image} crops each", flush=True)
+
+    specs, skipped = [], []
+    for spec in [s.strip() for s in args.methods.split(",") if s.strip()]:
+        why = unavailable(spec)
+        if why:
+            print(f"# skipping {spec}: {why}", flush=True)
+            skipped.append({"method": spec, "reason": why})
+        else:
+            specs.append(spec)
+
+    segs, rows = {}, {}
+    for spec in specs:
+        seg = segs[spec] = build_segmenter(clip, spec, args, device)
+        flops = vit_flops_per_crop(seg.encoder, (cfg.slide_crop, cfg.slide_crop), clip.model.visual.output_dim)
+        rows[spec] = {"method": spec, "gflops_per_crop": flops / 1e9, "_flops": flops}
+        for _ in range(args.warmup):
+            run_pipeline(seg, images[: args.images_per_call], text, args.images_per_call)
+            if args.reference_loop:
+                run_reference(seg.with_config(precision="fp32"), ref_images[:1], text)
+        diag = method_diagnostics(seg, images[0], text)
+        if diag is not None:
+            rows[spec]["diagnostics"] = diag
+            print(f"# {spec}: distraction tokens per crop by layer {diag['distraction_tokens_per_crop_by_layer']}",
+                  flush=True)
+
+    for rnd in range(args.repeats):
+        for spec in specs:
+            seg, row = segs[spec], rows[spec]
+            t, mem, masks = measure(lambda: run_pipeline(seg, images, text, args.images_per_call), device)
+            if "seconds" not in row or t.seconds < row["seconds"]:
+                row.update(seconds=t.seconds, cpu_seconds=t.cpu_seconds)
+            row["peak_mib"] = max(row.get("peak_mib", 0.0), mem.peak_mib)
+            row["peak_growth_mib"] = max(row.get("peak_growth_mib", 0.0), mem.growth_mib)
+            row["memory_kind"] = mem.kind
+            if args.reference_loop:
+                ref_seg = seg.with_config(precision="fp32", compile=False)
+                rt, rmem, ref_masks = measure(lambda: run_reference(ref_seg, ref_images, text), device)
+                if "ref_seconds" not in row or rt.seconds < row["ref_seconds"]:
+                    row.update(ref_seconds=rt.seconds, ref_cpu_seconds=rt.cpu_seconds)
+                row["reference_peak_mib"] = max(row.get("reference_peak_mib", 0.0), rmem.peak_mib)
+                row["mask_agreement_vs_reference"] = float(np.mean([(a == b).mean() for a, b in zip(masks, ref_masks)]))
+            finish_row(row, args, crops_per_image, peak, len(ref_images))
+            print(f"[round {rnd + 1}/{args.repeats}] " + format_row(row, args.reference_loop), flush=True)
+
+    rows = [rows[s] for s in specs]
+    base = next((r for r in rows if r["method"] == "clip"), None)
+    for r in rows:
+        r.pop("_flops", None)
+        r["vs_clip"] = r["images_per_s"] / base["images_per_s"] if base else None
+        r["vs_clip_cpu_time"] = base["cpu_s_per_image"] / r["cpu_s_per_image"] if base else None
+    print()
+    print(format_table(rows, args.reference_loop))
+    for s in skipped:
+        print(f"skipped {s['method']}: {s['reason']}")
+    result = {"info": info, "results": rows, "skipped": skipped}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.json}")
+    return result
+
+
+def finish_row(row: dict, args, crops_per_image: int, peak: float | None, n_ref: int) -> None:
+    ips = args.images / row["seconds"]
+    row.update(images_per_s=ips, ms_per_image=1000 * row["seconds"] / args.images,
+               cpu_s_per_image=row["cpu_seconds"] / args.images, crops_per_s=ips * crops_per_image,
+               tflops=ips * crops_per_image * row["_flops"] / 1e12)
+    row["pct_peak"] = 100 * row["tflops"] / peak if peak else None
+    if "ref_seconds" in row:
+        ref_ips = n_ref / row["ref_seconds"]
+        row.update(reference_images_per_s=ref_ips, reference_cpu_s_per_image=row["ref_cpu_seconds"] / n_ref,
+                   speedup_vs_reference=ips / ref_ips,
+                   speedup_vs_reference_cpu_time=(row["ref_cpu_seconds"] / n_ref) / row["cpu_s_per_image"])
+
+
+def format_row(r: dict, with_ref: bool) -> str:
+    s = (f"{r['method']:<14} {r['images_per_s']:8.3f} img/s  {r['ms_per_image']:8.1f} ms/img  "
+         f"cpu {r['cpu_s_per_image']:6.2f} s/img  peak {r['peak_mib']:7.0f} MiB  {r['tflops']:7.3f} TFLOP/s")
+    if with_ref:
+        s += (f"  | ref {r['reference_images_per_s']:.3f} img/s  x{r['speedup_vs_reference']:.2f} "
+              f"(cpu time x{r['speedup_vs_reference_cpu_time']:.2f})  masks agree "
+              f"{100 * r['mask_agreement_vs_reference']:.2f}%")
+    return s
+
+
+def format_table(rows: list[dict], with_ref: bool) -> str:
+    head = ["method", "img/s", "ms/img", "CPU s/img", "TFLOP/s", "% peak", "peak MiB", "vs clip", "vs clip (CPU time)"]
+    if with_ref:
+        head += ["ref img/s", "ref peak MiB", "x ref", "x ref (CPU time)", "masks = ref %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["method"], f"{r['images_per_s']:.3f}", f"{r['ms_per_image']:.1f}", f"{r['cpu_s_per_image']:.2f}",
+                 f"{r['tflops']:.3f}", f"{r['pct_peak']:.1f}" if r.get("pct_peak") is not None else "-",
+                 f"{r['peak_mib']:.0f}",
+                 f"{r['vs_clip']:.2f}x" if r.get("vs_clip") is not None else "-",
+                 f"{r['vs_clip_cpu_time']:.2f}x" if r.get("vs_clip_cpu_time") is not None else "-"]
+        if with_ref:
+            cells += [f"{r['reference_images_per_s']:.3f}", f"{r['reference_peak_mib']:.0f}",
+                      f"{r['speedup_vs_reference']:.2f}x", f"{r['speedup_vs_reference_cpu_time']:.2f}x",
+                      f"{100 * r['mask_agreement_vs_reference']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RfclipError as err:
+        sys.exit(f"error: {err}")
