@@ -22,10 +22,8 @@ Method names are registered rfclip methods with optional plugins (``naclip+fsa``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
-import os
 import platform
 import resource
 import sys
@@ -36,14 +34,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rfclip.constants import DISTRACTION_DIMS
 from rfclip.errors import RfclipError
 from rfclip.inference import InferenceConfig, autocast_dtype, preprocess, rescale_size, sliding_windows
 from rfclip.methods import METHODS, PLUGINS, method_option_names, parse_method_spec
+from rfclip.models.loading import random_clip
 from rfclip.segmenter import Segmenter
 from rfclip.text import TextQueries
 
 DEFAULT_METHODS = "clip,naclip,rfclip,rfclip+plant,rfclip+pamr,naclip+fsa"
-B16_DISTRACTION_DIMS = (4, 162, 189, 326, 429, 474, 633, 713)  # RF-CLIP's ViT-B/16 list (constants.py)
+B16_DISTRACTION_DIMS = DISTRACTION_DIMS[("ViT-B-16", "openai")]  # RF-CLIP's ViT-B/16 list
 NUM_CLASSES = 21
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
@@ -72,32 +72,7 @@ PEAK_BF16_TFLOPS = (
 # ---------------------------------------------------------------------------------------------- setup
 def random_model(name: str, seed: int):
     """A random-weight CLIP with the real geometry of ``name`` (QuickGELU, as OpenAI's weights)."""
-    try:
-        from rfclip.models.loading import random_clip
-    except ImportError:
-        random_clip = None
-    if random_clip is not None:
-        return random_clip(name, seed=seed)
-    import open_clip
-
-    @dataclasses.dataclass
-    class _Clip:  # the attributes Segmenter uses
-        model: Any
-        tokenizer: Any
-        name: str
-        pretrained: str | None = None
-        source: str = "random"
-        quick_gelu: bool = True
-
-        @property
-        def identity(self) -> str:
-            return f"random|{self.name}|seed={seed}"
-
-    torch.manual_seed(seed)
-    model = open_clip.create_model(name, pretrained=None, force_quick_gelu=True).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return _Clip(model, open_clip.get_tokenizer(name), name)
+    return random_clip(name, seed=seed)
 
 
 def random_text(num_classes: int, dim: int, seed: int) -> TextQueries:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import open_clip
 import pytest
-import torch
+
+from rfclip.models.loading import random_clip
 
 TINY_CFG = dict(
     embed_dim=32,
@@ -17,33 +15,9 @@ TINY_CFG = dict(
 )
 
 
-@dataclass
-class _TestClip:
-    model: object
-    tokenizer: object
-    name: str = "tiny-test"
-    pretrained: str | None = None
-    source: str = "random"
-    quick_gelu: bool = True
-
-    @property
-    def identity(self) -> str:
-        return f"{self.name}-{id(self.model)}"
-
-
 def make_clip(cfg: dict = TINY_CFG, seed: int = 0):
-    """A random CLIP (tiny by default) wrapped like rfclip.models.ClipModel."""
-    try:
-        from rfclip.models.loading import random_clip
-    except ImportError:  # model loading not available: build it here
-        random_clip = None
-    if random_clip is not None:
-        return random_clip(cfg, quick_gelu=cfg.get("quick_gelu", True), seed=seed)
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return _TestClip(model, open_clip.get_tokenizer("ViT-B-16"))
+    """A random CLIP (tiny by default) as an rfclip ``ClipModel``."""
+    return random_clip(cfg, quick_gelu=cfg.get("quick_gelu", True), seed=seed)
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ def expected(method, visual, images):
     if method == "clearclip":
         return features(visual, attend(block, sm(q, q), v))
     if method in ("naclip", "kk"):
-        h = w = int((T - 1) ** 0.5)
+        w = int((T - 1) ** 0.5)  # square grid
         bias = torch.zeros(T, T)
         if method == "naclip":
             for a in range(T - 1):

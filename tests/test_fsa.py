@@ -91,7 +91,6 @@ def reference_feedback(logp, lam, mass=0.45):
 
 def reference_ensemble(a_fb, A, has_cls, c):
     """Per-head loop with the block-diagonal CLS extension."""
-    N = a_fb.shape[0]
     ext = torch.block_diag(torch.ones(1, 1), a_fb) if has_cls else a_fb
     return torch.stack([(ext @ A[h] + A[h] @ ext + c * ext) / 3 for h in range(A.shape[0])])
 

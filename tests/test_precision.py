@@ -13,15 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rfclip.constants import DISTRACTION_DIMS
 from rfclip.errors import RfclipError
 from rfclip.inference import autocast_dtype, preprocess
 from rfclip.methods import METHODS, method_option_names
+from rfclip.models.loading import random_clip
 from rfclip.segmenter import Segmenter
 from rfclip.text import TextQueries
 
-from conftest import make_clip
-
-B16_DISTRACTION_DIMS = (4, 162, 189, 326, 429, 474, 633, 713)
+B16_DISTRACTION_DIMS = DISTRACTION_DIMS[("ViT-B-16", "openai")]
 H, W = 144, 192  # one 9 x 12 patch crop (short_side=None): ViT-B/16 cost stays small on CPU
 NUM_CLASSES = 21
 MIX = 0.3  # weight of the region prototype in a class embedding
@@ -74,12 +74,6 @@ def random_text(dim: int, seed: int = 0) -> TextQueries:
 @pytest.fixture(scope="module")
 def b16_clip():
     """Random weights with the real ViT-B/16 geometry (QuickGELU, as OpenAI's)."""
-    try:
-        from rfclip.models.loading import random_clip
-    except ImportError:
-        import open_clip
-
-        return make_clip(open_clip.get_model_config("ViT-B-16"), seed=0)
     return random_clip("ViT-B-16", seed=0)
 
 
