@@ -215,7 +215,9 @@ def evaluate(segmenter, dataset, limit: int | None = None, num_workers: int = 4,
 
     total = len(dataset) if limit is None else min(limit, len(dataset))
     batches = shard_batches(total, images_per_batch, dist_info.rank, dist_info.world_size)
-    workers = min(num_workers, len(batches))
+    # More decoding processes than usable cores only adds contention (and a DataLoader warning).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(num_workers, len(batches), cores)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
                         persistent_workers=False)
     accumulator = IoUAccumulator(dataset.num_classes, ignore_index=dataset.ignore_index, device=seg.device)
