@@ -20,6 +20,21 @@ def make_clip(cfg: dict = TINY_CFG, seed: int = 0):
     return random_clip(cfg, quick_gelu=cfg.get("quick_gelu", True), seed=seed)
 
 
+def voc_palette() -> list[int]:
+    """The VOC colour map: index i is not grey, so a palette -> RGB conversion would change the values."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
 @pytest.fixture(scope="session")
 def tiny_clip():
     return make_clip()

@@ -22,22 +22,9 @@ from rfclip.data.datasets import (
 from rfclip.data.settings import DATASET_NAMES, DATASET_SETTINGS, PRESETS, EvalSettings, get_settings
 from rfclip.errors import RfclipError
 
+from conftest import voc_palette
+
 H, W = 20, 30
-
-
-def _palette() -> list[int]:
-    # VOC-style colour map: index i -> a colour that is not (i, i, i), so RGB conversion would change values
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
 
 
 def _write_image(path: Path, seed: int, fmt: str = "JPEG") -> np.ndarray:
@@ -63,7 +50,7 @@ def _write_label(path: Path, lab: np.ndarray, palette: bool) -> None:
     lab = np.ascontiguousarray(lab, dtype=np.uint8)
     if palette:
         im = Image.frombytes("P", (lab.shape[1], lab.shape[0]), lab.tobytes())
-        im.putpalette(_palette())
+        im.putpalette(voc_palette())
     else:
         im = Image.fromarray(lab)  # mode L
     im.save(path)

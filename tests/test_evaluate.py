@@ -25,6 +25,8 @@ from rfclip.evaluate import configure, evaluate, result_paths, shard_batches, su
 from rfclip.models.loading import load_clip, random_clip
 from rfclip.segmenter import Segmenter
 
+from conftest import voc_palette
+
 EVAL_CFG = dict(
     embed_dim=16,
     quick_gelu=True,
@@ -36,21 +38,6 @@ FAST = ["--device", "cpu", "--short-side", "64", "--num-workers", "0"]
 
 
 # ---------------------------------------------------------------------------------------------- generated data
-def voc_palette() -> list[int]:
-    """The VOC colour map (index i is not grey, so a palette -> RGB conversion would change the values)."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
-
-
 def write_palette_png(path: Path, label: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.frombytes("P", (label.shape[1], label.shape[0]), np.ascontiguousarray(label, np.uint8).tobytes())
