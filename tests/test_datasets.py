@@ -271,7 +271,7 @@ def test_missing_split_file(tmp_path):
     with pytest.raises(RfclipError, match="listed images are missing"):
         build_dataset("voc21", root)
     _write_image(root / "JPEGImages" / "a.jpg", 0)
-    with pytest.raises(RfclipError, match="label files are missing"):
+    with pytest.raises(RfclipError, match="label files are missing.*; point --root at .*VOC2012"):
         build_dataset("voc21", root)
 
 

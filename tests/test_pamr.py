@@ -210,3 +210,5 @@ def test_bad_shapes():
         pamr(torch.zeros(2, 3, 8, 8), torch.zeros(1, 2, 8, 8))
     with pytest.raises(ValueError):
         pamr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 8, 8), channel_chunk=0)
+    with pytest.raises(ValueError, match="dilations"):
+        pamr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 8, 8), dilations=())

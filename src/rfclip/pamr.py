@@ -40,6 +40,13 @@ def _offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _check_dilations(dilations: Sequence[int]) -> list[int]:
+    dilations = [int(d) for d in dilations]
+    if not dilations or min(dilations) < 1:
+        raise ValueError(f"PAMR dilations must be positive integers, got {dilations}")
+    return dilations
+
+
 def _shifted(padded: Tensor, pad: int, dy: int, dx: int, h: int, w: int) -> Tensor:
     """View of ``padded[..., pad + dy + y, pad + dx + x]`` for y < h, x < w (a slice, no copy)."""
     return padded[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w]
@@ -58,9 +65,7 @@ def pamr_weights(image: Tensor, dilations: Sequence[int] = PAMR_DILATIONS) -> Te
     """
     if image.dim() != 3:
         raise ValueError(f"pamr_weights expects a (K, H, W) image, got shape {tuple(image.shape)}")
-    dilations = [int(d) for d in dilations]
-    if not dilations or min(dilations) < 1:
-        raise ValueError(f"PAMR dilations must be positive integers, got {dilations}")
+    dilations = _check_dilations(dilations)
     k, h, w = image.shape
     pad = max(dilations)
     offsets = _offsets(dilations)
@@ -126,7 +131,7 @@ def pamr(
         raise ValueError(f"pamr: num_iter must be >= 0, got {num_iter}")
     if channel_chunk < 1:
         raise ValueError(f"pamr: channel_chunk must be >= 1, got {channel_chunk}")
-    dilations = [int(d) for d in dilations]
+    dilations = _check_dilations(dilations)  # before max(dilations) below
     b, _, h, w = image.shape
     q = logits.shape[1]
     device = image.device

@@ -201,8 +201,7 @@ def run_eval(args) -> int:
 # ---------------------------------------------------------------------------------------------- eval-all
 def run_eval_all(args) -> int:
     from ..constants import PAPER_COLUMNS
-    from ..data import DATASETS, build_dataset, canonical_dataset_name, find_dataset_root, write_json
-    from ..data.metrics import atomic_write_text
+    from ..data import DATASETS, atomic_write_text, build_dataset, canonical_dataset_name, find_dataset_root, write_json
     from ..evaluate import distributed_session, evaluate, summary_markdown
 
     names = [canonical_dataset_name(n) for n in (args.datasets or PAPER_COLUMNS)]

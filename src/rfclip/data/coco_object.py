@@ -152,7 +152,8 @@ def convert_coco_object(coco_stuff_root: str | os.PathLike, out_root: str | os.P
             )
         lists[split] = files
     if check_count:
-        total = sum(len(raw_label_files(src_root / "annotations" / s)) for s in ("train2017", "val2017"))
+        total = sum(len(lists[s]) if s in lists else len(raw_label_files(src_root / "annotations" / s))
+                    for s in ("train2017", "val2017"))
         if total != COCO_LEN:
             raise RfclipError(
                 f"COCO-Stuff root {src_root}: found {total} raw labels in annotations/train2017 + val2017, "
@@ -164,7 +165,8 @@ def convert_coco_object(coco_stuff_root: str | os.PathLike, out_root: str | os.P
         if copy_images:
             img_src = src_root / "images" / split
             if not img_src.is_dir():
-                raise RfclipError(f"COCO-Stuff root {src_root}: missing folder images/{split}")
+                raise RfclipError(f"COCO-Stuff root {src_root}: missing folder images/{split}; point it at "
+                                  ".../coco_stuff164k with the images unpacked into images/")
             _copy_images(img_src, dst_root / "images" / split, progress, f"copy images/{split}")
         dst_dir = dst_root / "annotations" / split
         try:

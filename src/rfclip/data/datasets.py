@@ -42,6 +42,7 @@ class DatasetSpec:
     classnames_file: str
     root_hint: str  # what data_root should look like
     default_folders: tuple[str, ...]  # candidates under a common root folder (find_dataset_root)
+    label_hint: str | None = None  # how to make missing label files (None: they come with the dataset)
 
 
 _VOC_HINT = ".../VOCdevkit/VOC2012"
@@ -69,11 +70,12 @@ DATASETS: dict[str, DatasetSpec] = {
     "coco_stuff": DatasetSpec(
         "coco_stuff", "COCO-Stuff164k", "images/{split}", ".jpg", "annotations/{split}", "_labelTrainIds.png", None,
         "val2017", 171, False, None, "coco_stuff.txt", ".../coco_stuff164k", ("coco_stuff164k",),
+        "make them with mmseg's tools/dataset_converters/coco_stuff164k.py",
     ),
     "coco_object": DatasetSpec(
         "coco_object", "COCO-Object", "images/{split}", ".jpg", "annotations/{split}", "_instanceTrainIds.png", None,
         "val2017", 81, False, 0, "coco_object.txt", ".../coco_stuff164k (output folder of convert-coco-object)",
-        ("coco_object", "coco_stuff164k"),
+        ("coco_object", "coco_stuff164k"), "run `rfclip convert-coco-object` first",
     ),
     "ade20k": DatasetSpec(
         "ade20k", "ADE20K", "images/{split}", ".jpg", "annotations/{split}", ".png", None, "validation", 150, True,
@@ -82,7 +84,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "cityscapes": DatasetSpec(
         "cityscapes", "Cityscapes", "leftImg8bit/{split}", "_leftImg8bit.png", "gtFine/{split}",
         "_gtFine_labelTrainIds.png", None, "val", 19, False, None, "city_scapes.txt", ".../cityscapes",
-        ("cityscapes", "Cityscapes"),
+        ("cityscapes", "Cityscapes"), "make them with mmseg's tools/dataset_converters/cityscapes.py",
     ),
 }
 
@@ -138,7 +140,8 @@ def load_classnames(name: str, preset: str = "default", strip: bool = True) -> l
                     f"{spec.num_classes} for {spec.title}"
                 )
             return classes
-    raise RfclipError(f"class-name file {spec.classnames_file} is missing from the installed package")
+    raise RfclipError(f"class-name file {spec.classnames_file} is missing from the installed package; "
+                      "reinstall rfclip")
 
 
 # ------------------------------------------------------------------------------------------------ file lists
@@ -207,17 +210,10 @@ def _make_samples(spec: DatasetSpec, root: Path, split: str) -> list[tuple[str, 
             spec, root, f"{len(missing_img)} of {len(names)} listed images are missing (first: {missing_img[0]})"
         )
     if missing_label:
-        hint = ""
-        if spec.name == "coco_object":
-            hint = " (run `rfclip convert-coco-object` first)"
-        elif spec.name == "coco_stuff":
-            hint = " (labels come from mmseg's tools/dataset_converters/coco_stuff164k.py)"
-        elif spec.name == "cityscapes":
-            hint = " (labels come from mmseg's tools/dataset_converters/cityscapes.py)"
-        raise RfclipError(
-            f"{spec.title} root {root}: {len(missing_label)} of {len(names)} label files are missing "
-            f"(first: {missing_label[0]}){hint}"
-        )
+        what = f"{len(missing_label)} of {len(names)} label files are missing (first: {missing_label[0]})"
+        if spec.label_hint is None:
+            raise _root_error(spec, root, what)
+        raise RfclipError(f"{spec.title} root {root}: {what}; {spec.label_hint}")
     return samples
 
 
@@ -323,7 +319,7 @@ def find_dataset_root(name: str, root_dir: str | os.PathLike, split: str | None 
     base = Path(root_dir).expanduser()
     split = split or spec.default_split
     if not base.is_dir():
-        raise RfclipError(f"--root-dir {base} does not exist")
+        raise RfclipError(f"--root-dir {base} does not exist; point it at the folder holding the datasets")
     candidates = [base / f for f in spec.default_folders] + [base]
     first_error = None
     for cand in candidates:
@@ -335,8 +331,8 @@ def find_dataset_root(name: str, root_dir: str | os.PathLike, split: str | None 
                 label_dir = cand / spec.label_dir.format(split=split)
                 if not any(e.name.endswith(spec.label_suffix) for e in os.scandir(label_dir)):
                     raise RfclipError(
-                        f"COCO-Object root {cand}: no *{spec.label_suffix} labels in "
-                        f"{spec.label_dir.format(split=split)} (run `rfclip convert-coco-object` first)"
+                        f"{spec.title} root {cand}: no *{spec.label_suffix} labels in "
+                        f"{spec.label_dir.format(split=split)}; {spec.label_hint}"
                     )
             return cand
         except RfclipError as e:

@@ -127,9 +127,8 @@ class IoUAccumulator:
         inter = self.intersect.double().cpu()
         union = self.union.double().cpu()
         gt = self.gt_area.double().cpu()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            iou = (inter / union).numpy() * 100  # 0/0 -> NaN
-            acc = (inter / gt).numpy() * 100
+        iou = (inter / union).numpy() * 100  # torch division: 0/0 -> NaN, no warning
+        acc = (inter / gt).numpy() * 100
         total_gt = gt.sum().item()
         aacc = inter.sum().item() / total_gt * 100 if total_gt > 0 else math.nan
         return {
