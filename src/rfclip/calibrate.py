@@ -300,8 +300,9 @@ def calibrate(model, images, topk: int = RF_CALIBRATE_TOPK, *, pretrained: str |
     total = torch.zeros(encoder.width, dtype=torch.float64, device=dev)
     count = 0
     done = 0
+    batch_size = max(1, batch_size)
     with torch.inference_mode():
-        for start in range(0, len(items), max(1, batch_size)):
+        for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             batch = torch.stack([_square_crop(load_image(im), image_size, dev) for im in chunk])
             ctx = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()

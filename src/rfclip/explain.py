@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ._io import atomic_open
 from .errors import RfclipError
 
 _PANEL = 288  # long side of one picture panel, in pixels
@@ -119,7 +120,7 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
     ph_, pw_ = encoder.patch_size
     gh, gw = x.shape[-2] // ph_, x.shape[-1] // pw_
     if gh < 1 or gw < 1:
-        raise RfclipError(f"image too small for explain: {W0}x{H0} pixels")
+        raise RfclipError(f"image too small for explain: {W0}x{H0} pixels; use a larger image or a larger --short-side")
     x = x[:, : gh * ph_, : gw * pw_]  # the forward drops the remainder anyway
     # The picture the maps are drawn on: the resized image, cut to the patch grid.
     base = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))[: gh * ph_, : gw * pw_]
@@ -259,8 +260,7 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
         "files": {k: v.name for k, v in files.items()},
     }
     summary_path = out / "summary.json"
-    tmp = summary_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    os.replace(tmp, summary_path)
+    with atomic_open(summary_path, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
     files["summary"] = summary_path
     return ExplainResult(files=files, summary=summary)

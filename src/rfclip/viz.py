@@ -102,7 +102,6 @@ def save_image_atomic(img: Image.Image, path: str | os.PathLike, **save_kwargs) 
     fmt = Image.registered_extensions().get(ext)
     if fmt is None:
         raise RfclipError(f"cannot save image to {path}: unknown image extension {ext!r} (use .png or .jpg)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "JPEG" and img.mode not in ("RGB", "L", "CMYK"):
         img = img.convert("RGB")
     with atomic_open(path, "wb") as f:
@@ -327,17 +326,18 @@ def _legend_panel(mask, class_names, pal, h: int, w: int) -> Image.Image | None:
     panel = Image.new("RGB", (ncols * col_w + pad, h), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
     outline_w = max(1, font_px // 12)
+    text_h = _text_size(probe, "Hg", font)[1]
+    _, text_top, _, _ = draw.textbbox((0, 0), "Hg", font=font)
     for n, (i, name, pct_s) in enumerate(labels):
         cx = pad + (n // rows_per_col) * col_w
         cy = pad + (n % rows_per_col) * line_h
         sy = cy + (line_h - sw) // 2
         draw.rectangle([cx, sy, cx + sw, sy + sw], fill=tuple(int(c) for c in pal[i]), outline=(40, 40, 40),
                        width=outline_w)
-        ty = cy + (line_h - _text_size(probe, "Hg", font)[1]) // 2
-        l, t, _, _ = draw.textbbox((0, 0), "Hg", font=font)
-        draw.text((cx + sw + pad, ty - t), name, fill=(20, 20, 20), font=font)
+        ty = cy + (line_h - text_h) // 2 - text_top
+        draw.text((cx + sw + pad, ty), name, fill=(20, 20, 20), font=font)
         pw = _text_size(probe, pct_s, font)[0]
-        draw.text((cx + sw + pad + name_w + pad + pct_w - pw, ty - t), pct_s, fill=(90, 90, 90), font=font)
+        draw.text((cx + sw + pad + name_w + pad + pct_w - pw, ty), pct_s, fill=(90, 90, 90), font=font)
     return panel
 
 

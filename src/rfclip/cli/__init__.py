@@ -13,6 +13,7 @@ Errors: an :class:`rfclip.errors.RfclipError` (anything the user can fix) prints
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -31,6 +32,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+@functools.lru_cache(maxsize=None)
 def _version() -> str:
     try:
         from importlib.metadata import version

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from ..constants import RF_CALIBRATE_TOPK
 from ..errors import RfclipError
 from . import common
 
@@ -29,14 +30,16 @@ def add_parser(subparsers) -> None:
                               description=DESCRIPTION, epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", metavar="IMAGES", help="a folder of natural images (searched recursively) or one image")
-    p.add_argument("--topk", type=common._positive_int, default=8, metavar="K",
-                   help="number of dimensions to keep (default: 8, as for the paper's backbones)")
+    p.add_argument("--topk", type=common._positive_int, default=RF_CALIBRATE_TOPK, metavar="K",
+                   help=f"number of dimensions to keep (default: {RF_CALIBRATE_TOPK}, as for the paper's backbones)")
     p.add_argument("--out", metavar="FILE", help="JSON file to write (default: the cache file RF-CLIP reads)")
     p.add_argument("--max-images", type=common._positive_int, metavar="N", help="use at most N images")
     p.add_argument("--image-size", type=common._positive_int, metavar="PX",
                    help="square crop side (default: the model's native input size)")
-    p.add_argument("--batch-size", type=common._positive_int, default=16, metavar="N", help="images per forward")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--batch-size", type=common._positive_int, default=16, metavar="N",
+                   help="images per forward pass; lower it if memory runs out (default: 16)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="compute precision (default: auto = bf16/fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors and the result")
     common.add_model_options(p)
 

@@ -116,6 +116,12 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
                             "batches are slow while it compiles)")
 
 
+def add_images_per_batch_option(group) -> None:
+    """``--images-per-batch``: how many images' crops are batched together (segment, eval)."""
+    group.add_argument("--images-per-batch", type=_positive_int, default=4, metavar="N",
+                       help="images whose crops share forward passes (default: 4)")
+
+
 def method_list() -> str:
     from ..methods import METHODS, PLUGINS
 

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("explain", help="draw RF-CLIP's per-layer attention diagnostics for an image",
                               description=DESCRIPTION, epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="IMAGE", help="the image to explain (JPEG, PNG, ...)")
     p.add_argument("--classes", metavar="LIST", help='optional classes, e.g. "road;car;sky": adds segmentation.png')
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--query", type=_point, metavar="X,Y", help="query point in image pixels (default: the centre)")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import default_file_mode
+from .._io import atomic_open
 from ..errors import RfclipError
-from . import common
+from . import _version, common
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -32,7 +32,8 @@ classes:
   --classes-file classes.txt         one class per line, synonyms comma-separated, '#' starts a comment
 
 outputs, per image IMAGE.ext in --out DIR:
-  IMAGE_mask.png     palette PNG; pixel value i = the i-th class
+  IMAGE_mask.png     palette PNG; pixel value = class index (0-based, in the order given;
+                     a 16-bit grey PNG beyond 256 classes)
   IMAGE_overlay.png  the image with the classes coloured and a legend
   IMAGE.json         classes, synonyms, pixel fraction per class, image size, method, model and settings
 
@@ -59,8 +60,7 @@ def add_parser(subparsers) -> None:
     cls.add_argument("--classes", metavar="LIST", help='class names, e.g. "road;car;tree;sky" (see below)')
     cls.add_argument("--classes-file", metavar="FILE", help="a text file with one class per line")
     io.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created if missing)")
-    io.add_argument("--images-per-batch", type=common._positive_int, default=4, metavar="N",
-                    help="images whose crops share forward passes (default: 4)")
+    common.add_images_per_batch_option(io)
     io.add_argument("--alpha", type=common._float, default=0.5, metavar="A",
                     help="opacity of the class colours in the overlay (default: 0.5)")
     io.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
@@ -120,17 +120,12 @@ def output_paths(out: Path, image: Path) -> dict[str, Path]:
     return {"mask": out / f"{stem}_mask.png", "overlay": out / f"{stem}_overlay.png", "json": out / f"{stem}.json"}
 
 
-def validate_images(paths: list[Path], out: Path) -> list[tuple[int, int]]:
-    """Open every image (so a bad one fails before the model loads); check that outputs do not collide.
-
-    Returns each image's (height, width).
-    """
+def validate_images(paths: list[Path], out: Path) -> None:
+    """Open every image (so a bad one fails before the model loads); check that outputs do not collide."""
     from ..inference import load_image
 
-    sizes = []
     for path in paths:
-        arr = load_image(path)  # RfclipError for a missing or unreadable file
-        sizes.append(arr.shape[:2])
+        load_image(path)  # RfclipError for a missing or unreadable file
     owners: dict[str, Path] = {}
     inputs = {os.path.realpath(p): p for p in paths}
     for path in paths:
@@ -142,7 +137,6 @@ def validate_images(paths: list[Path], out: Path) -> list[tuple[int, int]]:
             if key in inputs:
                 raise RfclipError(f"segmenting {path} would overwrite the input image {inputs[key]}; choose another --out")
             owners[key] = path
-    return sizes
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -164,7 +158,8 @@ def save_mask(path: Path, mask: np.ndarray, num_classes: int) -> None:
 
 def write_outputs(paths: dict[str, Path], image: np.ndarray, seg, record: dict, alpha: float) -> None:
     """Write the three files of one image: each to a temporary name first, then renamed into place, so that an
-    error leaves no partial file (and no file of this image unless all three were written)."""
+    error leaves no partial file (and no file of this image unless all three were written). Each staged file is
+    itself written through :func:`rfclip._io.atomic_open`, so it is complete, synced and has the usual permissions."""
     from .. import viz
 
     n = len(seg.classes)
@@ -173,12 +168,10 @@ def write_outputs(paths: dict[str, Path], image: np.ndarray, seg, record: dict, 
         save_mask(staged["mask"], seg.mask, n)
         viz.save_image_atomic(viz.overlay(image, seg.mask, seg.classes, alpha=alpha, palette=viz.palette(n)),
                               staged["overlay"])
-        with open(staged["json"], "w", encoding="utf-8") as f:
+        with atomic_open(staged["json"], "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, default=str)
             f.write("\n")
-        mode = default_file_mode()
         for key, target in paths.items():
-            os.chmod(staged[key], mode)  # temporary files are created 0600; outputs get the usual permissions
             os.replace(staged[key], target)
     except OSError as err:
         raise RfclipError(f"cannot write outputs to {paths['json'].parent}: {err.strerror or err}; "
@@ -192,9 +185,10 @@ def write_outputs(paths: dict[str, Path], image: np.ndarray, seg, record: dict, 
 
 
 def pixel_fractions(seg) -> list[float]:
-    """Fraction of the image's pixels given to each class (sums to 1)."""
-    counts = np.bincount(seg.mask.ravel(), minlength=len(seg.classes))[:len(seg.classes)]
-    return [float(c) / seg.mask.size for c in counts]
+    """Fraction of the image's pixels given to each class (sums to 1; class names are unique, see check_classes)."""
+    from .. import viz
+
+    return list(viz.class_fractions(seg.mask, seg.classes).values())
 
 
 def summary(seg) -> str:
@@ -204,9 +198,9 @@ def summary(seg) -> str:
     return ", ".join(f"{seg.classes[i]} {100 * fr[i]:.1f}%" for i in order if fr[i] > 0)
 
 
-def build_record(path: Path, size, seg, segmenter, args, files: dict[str, Path], seconds: float) -> dict:
+def build_record(path: Path, seg, segmenter, args, files: dict[str, Path], seconds: float) -> dict:
     fractions = pixel_fractions(seg)
-    height, width = size
+    height, width = seg.mask.shape
     mask_format = "palette PNG, pixel value = class index" if len(seg.classes) <= 256 else "16-bit grey PNG, pixel value = class index"
     return {
         "image": str(path),
@@ -229,12 +223,6 @@ def build_record(path: Path, size, seg, segmenter, args, files: dict[str, Path],
     }
 
 
-def _version() -> str:
-    from . import _version as version
-
-    return version()
-
-
 # ---------------------------------------------------------------------------------------------- run
 def run(args) -> int:
     from ..inference import load_image
@@ -243,7 +231,7 @@ def run(args) -> int:
     classes = check_classes(read_classes(args))
     out = common.check_output_dir(args.out)
     images = expand_images(args.images)
-    sizes = validate_images(images, out)
+    validate_images(images, out)
     common.check_checkpoint_path(args.checkpoint)
     quiet = args.quiet
     interactive = not quiet and sys.stderr.isatty()
@@ -266,9 +254,9 @@ def run(args) -> int:
             arrays = [load_image(p) for p in group]
             results = segmenter.segment_batch(arrays, text, return_probs=False)
             seconds = (time.perf_counter() - t0) / len(group)
-            for path, size, arr, seg in zip(group, sizes[start:start + per], arrays, results):
+            for path, arr, seg in zip(group, arrays, results):
                 files = output_paths(out, path)
-                record = build_record(path, size, seg, segmenter, args, files, seconds)
+                record = build_record(path, seg, segmenter, args, files, seconds)
                 write_outputs(files, arr, seg, record, args.alpha)
                 if not quiet:
                     bar.write(f"{path}: {summary(seg)} -> {files['overlay']}", file=sys.stdout)
