@@ -87,7 +87,7 @@ def hf_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     Keys that have no counterpart are kept unchanged, so that loading reports them as unexpected.
     """
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, int, str], dict[str, torch.Tensor]] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (layer prefix, weight|bias) -> q/k/v
     for key, value in sd.items():
         if key in _DROPPED:
             continue
@@ -99,17 +99,17 @@ def hf_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         m = _LAYER_RE.match(key)
         if m:
-            tower, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+            tower, idx, rest = m.group(1), m.group(2), m.group(3)
             prefix = f"{_TOWERS[tower]}{idx}."
             qm = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
             if qm:
-                qkv.setdefault((prefix, idx, qm.group(2)), {})[qm.group(1)] = value
+                qkv.setdefault((prefix, qm.group(2)), {})[qm.group(1)] = value
                 continue
             if rest in _LAYER_RENAMES:
                 out[prefix + _LAYER_RENAMES[rest]] = value
                 continue
         out[key] = value
-    for (prefix, _idx, kind), parts in qkv.items():
+    for (prefix, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise RfclipError(f"the Hugging Face checkpoint lacks some of {prefix} q/k/v projections "
                               f"({sorted(parts)} present); the file is incomplete, download it again")

@@ -149,24 +149,29 @@ def _one_line(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def cached_hub_file(candidates: Iterable[tuple[str, str]], cache_dir: str | os.PathLike | None = None) -> str | None:
+    """Path of the first (repo_id, filename) candidate already in the Hugging Face hub cache, or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    for repo_id, filename in candidates:
+        try:
+            hit = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir(cache_dir))
+        except Exception:
+            hit = None
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    return None
+
+
 def cached_weights(pcfg: dict, cache_dir: str | os.PathLike | None = None) -> str | None:
     """Path of an already-downloaded weights file for this pretrained config, or None."""
     if pcfg.get("file"):
         return pcfg["file"] if os.path.isfile(pcfg["file"]) else None
-    candidates = hub_candidates(pcfg)
-    if candidates:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:  # pragma: no cover
-            try_to_load_from_cache = None
-        if try_to_load_from_cache is not None:
-            for repo_id, filename in candidates:
-                try:
-                    hit = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir(cache_dir))
-                except Exception:
-                    hit = None
-                if isinstance(hit, str) and os.path.isfile(hit):
-                    return hit
+    hit = cached_hub_file(hub_candidates(pcfg), cache_dir)
+    if hit:
+        return hit
     url = pcfg.get("url") or ""
     if url:
         target = os.path.join(url_cache_dir(cache_dir), os.path.basename(urllib.parse.urlsplit(url).path))

@@ -27,7 +27,9 @@ open_clip checkpoint: the ``model`` name gives the config and QuickGELU follows 
 (``-quickgelu`` suffix). ``quick_gelu=`` overrides the decision in every case.
 
 Nothing is ever unpickled beyond tensors and plain containers (``weights_only=True``); TorchScript
-archives are read by TorchScript's own loader and their code is never run.
+archives are read by TorchScript's own loader and their ``forward`` is never run. That loader does
+run a scripted ``__setstate__`` stored in the archive (in the TorchScript interpreter, not Python),
+so a TorchScript file is only as safe as its source; the other formats hold data only.
 
 Every problem a user can cause raises :class:`~rfclip.errors.RfclipError` with a one-line message.
 """
@@ -53,6 +55,7 @@ from torch import nn
 from rfclip.errors import RfclipError
 from rfclip.models import hf as _hf
 from rfclip.models import hub as _hub
+from rfclip.models.hub import _one_line
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +94,6 @@ class ClipModel:
 
 # --------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _one_line(exc: BaseException | str, limit: int = 160) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _act(quick_gelu: bool) -> str:
@@ -403,6 +401,19 @@ def _unwrap(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], bool]:
     return sd, wrapped
 
 
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool, str]:
+    """(tensor state dict, came wrapped (see :func:`_unwrap`), format from :func:`_sniff`) of a checkpoint file.
+
+    A TorchScript archive's ``state_dict()`` is taken as it is (never wrapped).
+    """
+    kind = _sniff(path)
+    obj = _read(path, kind)
+    if kind == "torchscript":
+        return obj, False, kind
+    sd, wrapped = _unwrap(obj, str(path))
+    return sd, wrapped, kind
+
+
 def _clip_layout(sd: dict, where: str) -> dict:
     """Check for a ViT CLIP state dict in OpenAI/open_clip naming; undo CustomTextCLIP's ``text.``."""
     if any(k.startswith("visual.trunk.") for k in sd):
@@ -443,11 +454,9 @@ def _load_into(model, sd: dict, where: str, what: str, fix: str) -> None:
     bad = [k for k, v in sd.items() if not v.is_floating_point()]
     if bad:
         raise RfclipError(f"{where} stores {bad[0]} as {sd[bad[0]].dtype}, not floating point; {_FIX_FORMAT}")
-    if not any(t.is_meta for t in expected.values()):
-        model.load_state_dict(sd, strict=True)
-        return
-    # meta-built model: take the file's tensors as they are, cast to fp32, then rebuild the
-    # non-persistent buffers (open_clip's CLIP has one: the text tower's causal attention mask).
+    # The model is built on the meta device (_build(empty=True)): take the file's tensors as they are,
+    # cast to fp32, then rebuild the non-persistent buffers (open_clip's CLIP has one: the text
+    # tower's causal attention mask).
     model.load_state_dict(sd, strict=True, assign=True)
     model.float()
     for module in model.modules():
@@ -477,13 +486,7 @@ class _Loaded:
 
 
 def _load_state_dict_file(path: Path, requested: str, quick_gelu: bool | None) -> _Loaded:
-    kind = _sniff(path)
-    obj = _read(path, kind)
-    if kind == "torchscript":
-        sd, wrapped = {k: v for k, v in obj.items()}, False
-    else:
-        sd, wrapped = _unwrap(obj, str(path))
-    del obj
+    sd, wrapped, kind = _read_state_dict(path)
     if _hf.is_hf_clip_state_dict(sd):
         if (path.parent / "config.json").is_file():
             return _load_hf_dir(path.parent, requested, quick_gelu, weights=[path], preread=sd)
@@ -560,8 +563,7 @@ def _sharded(index: Path) -> list[Path]:
 def _read_tensors(paths: list[Path]) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for p in paths:
-        part, _ = _unwrap(_read(p, _sniff(p)), str(p))
-        sd.update(part)
+        sd.update(_read_state_dict(p)[0])
     return sd
 
 
@@ -607,8 +609,7 @@ def _load_open_clip_dir(folder: Path, requested: str, quick_gelu: bool | None) -
         raise RfclipError(f"{config_path} has no model_cfg with vision_cfg and text_cfg; {_FIX_REDOWNLOAD}")
     _require_vit(cfg, f"the model in {folder}")
     qg = bool(cfg.get("quick_gelu")) if quick_gelu is None else quick_gelu
-    sd, _ = _unwrap(_read(weights, _sniff(weights)), str(weights))
-    sd = _clip_layout(sd, str(weights))
+    sd = _clip_layout(_read_state_dict(weights)[0], str(weights))
     name, _ = _pick_name(cfg, requested)
     model = _build(cfg, qg, f"the model in {folder}", empty=True)
     _load_into(model, sd, str(weights), f"the model described by {config_path}",
@@ -646,11 +647,7 @@ def _load_tag(name: str, tag: str, cache_dir, quick_gelu: bool | None) -> _Loade
                           f"or pass --checkpoint FILE")
     path = Path(_hub.resolve_pretrained(name, tag, pcfg, cache_dir))
     qg = bool(pcfg.get("quick_gelu") or cfg.get("quick_gelu")) if quick_gelu is None else quick_gelu
-    kind = _sniff(path)
-    obj = _read(path, kind)
-    sd = {k: v for k, v in obj.items()} if kind == "torchscript" else _unwrap(obj, str(path))[0]
-    del obj
-    sd = _clip_layout(sd, str(path))
+    sd = _clip_layout(_read_state_dict(path)[0], str(path))
     model = _build(cfg, qg, f"model {name}", empty=True)
     _load_into(model, sd, str(path), f"model {name}",
                "the cached download does not match its tag; delete it so it is downloaded again")

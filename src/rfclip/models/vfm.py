@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..errors import RfclipError, WeightsNotFoundError
-from .hub import offline_requested, reachable
+from .hub import _one_line, cached_hub_file, offline_requested, reachable
 
 DEFAULT_VFM = "vit_base_patch8_224.dino"  # ProxyCLIP's and FSA's default: DINO ViT-B/8
 
@@ -103,7 +103,7 @@ class VisionFoundationModel(nn.Module):
         grid = self.grid(images.shape[-2], images.shape[-1])
         if grid[0] < 1 or grid[1] < 1:
             raise RfclipError(f"crop of {images.shape[-2]}x{images.shape[-1]} px is smaller than the VFM patch "
-                              f"{self.patch_size[0]}x{self.patch_size[1]}")
+                              f"{self.patch_size[0]}x{self.patch_size[1]}; use larger images or --slide-crop")
         x = images[..., : grid[0] * self.patch_size[0], : grid[1] * self.patch_size[1]].float()
         x = x * self._scale + self._shift
         tokens = self.model.forward_features(x)  # (B, prefix + H*W, c), final norm applied
@@ -143,19 +143,11 @@ def cached_vfm_weights(name: str) -> str | None:
         return None
     hf_id = getattr(cfg, "hf_hub_id", None)
     if hf_id:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:  # pragma: no cover
-            try_to_load_from_cache = None
-        if try_to_load_from_cache is not None:
-            repo = hf_id.split("@")[0]
-            for filename in ([cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []) + list(_HF_FILES):
-                try:
-                    hit = try_to_load_from_cache(repo, filename, cache_dir=_hub_cache_dir())
-                except Exception:
-                    hit = None
-                if isinstance(hit, str) and os.path.isfile(hit):
-                    return hit
+        repo = hf_id.split("@")[0]
+        filenames = ([cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []) + list(_HF_FILES)
+        hit = cached_hub_file([(repo, f) for f in filenames], _hub_cache_dir())
+        if hit:
+            return hit
     url = getattr(cfg, "url", None)
     if url:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlsplit(url).path))
@@ -190,7 +182,7 @@ def _download(name: str) -> str:
             return hf_hub_download(repo, filename, cache_dir=_hub_cache_dir(), etag_timeout=_ETAG_TIMEOUT_S)
         except Exception as err:  # missing safetensors alternative, network errors
             last = err
-    reason = " ".join(str(last).split())[:160] if last else "unknown error"
+    reason = _one_line(last) if last else "unknown error"
     raise WeightsNotFoundError(f"download of VFM {name} from {repo} failed ({reason}); {hint}")
 
 
@@ -208,15 +200,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        msg = " ".join(str(err).split())[:160] or type(err).__name__
-        raise RfclipError(f"cannot read VFM checkpoint {path} ({msg}); give a .safetensors file or a plain PyTorch "
-                          f"state dict") from None
+        raise RfclipError(f"cannot read VFM checkpoint {path} ({_one_line(err)}); give a .safetensors file or a "
+                          f"plain PyTorch state dict") from None
     for key in ("teacher", "model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise RfclipError(f"VFM checkpoint {path} holds no state dict of tensors")
+        raise RfclipError(f"VFM checkpoint {path} holds no state dict of tensors; give a .safetensors file or a "
+                          f"plain PyTorch state dict")
     for prefix in ("module.", "backbone."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -232,16 +224,15 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], name: str, path:
         try:
             state = filter_fn(state, model)
         except Exception as err:
-            msg = " ".join(str(err).split())[:160]
-            raise RfclipError(f"VFM checkpoint {path} does not fit timm model {name} ({msg})") from None
+            raise RfclipError(f"VFM checkpoint {path} does not fit timm model {name} ({_one_line(err)}); choose the "
+                              f"matching --vfm name") from None
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "head_drop."))
              or k in model.state_dict()}
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        msg = " ".join(str(err).split())[:200]
-        raise RfclipError(f"VFM checkpoint {path} does not fit timm model {name} ({msg}); choose the matching "
-                          f"--vfm name") from None
+        raise RfclipError(f"VFM checkpoint {path} does not fit timm model {name} ({_one_line(err, 200)}); choose the "
+                          f"matching --vfm name") from None
     missing = [k for k in result.missing_keys if not k.startswith(("head.", "fc_norm."))]
     if missing:
         raise RfclipError(f"VFM checkpoint {path} does not fit timm model {name}: {len(missing)} missing weights "
@@ -264,20 +255,15 @@ def load_vfm(vfm: str | nn.Module | VisionFoundationModel = DEFAULT_VFM, checkpo
         if not timm.is_model(name):
             raise RfclipError(f"unknown VFM '{vfm}'; give a timm model name such as {DEFAULT_VFM} or one of: "
                               f"{', '.join(sorted(VFM_ALIASES))}")
-        if checkpoint is not None:
-            path, source = os.fspath(checkpoint), os.fspath(checkpoint)
-            state = read_state_dict(path)  # read before building the model: bad files fail fast
-        else:
-            path = cached_vfm_weights(name) or _download(name)
-            source = path
-            state = read_state_dict(path)
+        path = os.fspath(checkpoint) if checkpoint is not None else (cached_vfm_weights(name) or _download(name))
+        state = read_state_dict(path)  # read before building the model: bad files fail fast
         try:
             net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
         except Exception as err:
-            msg = " ".join(str(err).split())[:160]
-            raise RfclipError(f"timm cannot build VFM {name} ({msg}); choose a timm vision transformer") from None
+            raise RfclipError(f"timm cannot build VFM {name} ({_one_line(err)}); choose a timm vision "
+                              f"transformer") from None
         load_state_into(net, state, name, path)
-        model = VisionFoundationModel(net, name=name, source=source)
+        model = VisionFoundationModel(net, name=name, source=path)
     if device is not None:
         model = model.to(device)
     return model
