@@ -7,8 +7,8 @@ format of a local checkpoint is recognised from its content, not its extension:
 ==============================  =============================================  =====================
 content                         how it is read                                 QuickGELU
 ==============================  =============================================  =====================
-TorchScript archive (OpenAI     ``torch.jit.load(map_location="cpu")``, only   yes (OpenAI origin);
-``~/.cache/clip/*.pt``)         ``state_dict()`` is used; geometry inferred    geometry inferred
+TorchScript archive (OpenAI     read as data (models/torchscript.py)           yes (OpenAI origin);
+``~/.cache/clip/*.pt``)         (its ``state_dict()``; nothing is executed)    geometry inferred
 torch pickle (``.pt/.pth/.bin``) ``torch.load(weights_only=True)``              see "origin" below
 safetensors                     ``safetensors.torch.load_file``                see "origin" below
 Hugging Face CLIP folder        ``config.json`` + ``model.safetensors`` or     ``hidden_act ==
@@ -26,10 +26,9 @@ dict is OpenAI-origin: QuickGELU, geometry inferred from the tensor shapes. Anyt
 open_clip checkpoint: the ``model`` name gives the config and QuickGELU follows the name
 (``-quickgelu`` suffix). ``quick_gelu=`` overrides the decision in every case.
 
-Nothing is ever unpickled beyond tensors and plain containers (``weights_only=True``); TorchScript
-archives are read by TorchScript's own loader and their ``forward`` is never run. That loader does
-run a scripted ``__setstate__`` stored in the archive (in the TorchScript interpreter, not Python),
-so a TorchScript file is only as safe as its source; the other formats hold data only.
+Nothing is ever unpickled beyond tensors and plain containers (``weights_only=True``), and nothing in a
+checkpoint is ever run: TorchScript archives are not loaded by TorchScript (which would run a scripted
+``__setstate__``) but read as data, parameters and buffers only.
 
 Every problem a user can cause raises :class:`~rfclip.errors.RfclipError` with a one-line message.
 """
@@ -43,7 +42,6 @@ import json
 import logging
 import os
 import pickle
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +54,7 @@ from rfclip.errors import RfclipError
 from rfclip.models import hf as _hf
 from rfclip.models import hub as _hub
 from rfclip.models.hub import _one_line
+from rfclip.models.torchscript import TorchScriptFormatError, read_torchscript_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -353,13 +352,13 @@ def _sniff(path: Path) -> str:
 def _read(path: Path, kind: str) -> Any:
     if kind == "torchscript":
         try:
-            with warnings.catch_warnings():  # torch >= 2.9 marks torch.jit.load deprecated
-                warnings.simplefilter("ignore", FutureWarning)
-                module = torch.jit.load(str(path), map_location="cpu")
+            return read_torchscript_state_dict(path)
+        except TorchScriptFormatError as e:
+            raise RfclipError(f"checkpoint {path} is a TorchScript archive rfclip cannot read as plain weights "
+                              f"({_one_line(e)}); {_FIX_FORMAT}") from None
         except Exception as e:
             raise RfclipError(f"checkpoint {path} is a TorchScript archive that cannot be read "
                               f"({_one_line(e)}); {_FIX_REDOWNLOAD}") from None
-        return dict(module.state_dict())
     if kind == "safetensors":
         from safetensors.torch import load_file
 
