@@ -34,6 +34,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch.utils.data import DataLoader
 
+from . import __version__
 from .errors import RfclipError
 
 RESULT_KEYS = ("miou", "aacc", "macc", "iou", "acc", "per_class_iou", "num_images", "images_per_s", "seconds", "counts")
@@ -307,19 +308,10 @@ def write_results(result: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     json_path, csv_path = result_paths(out)
     metrics = {k: result[k] for k in RESULT_KEYS}
     meta = {k: v for k, v in result.items() if k not in RESULT_KEYS and k not in ("class_names", "outputs")}
-    meta["rfclip_version"] = _version()
+    meta["rfclip_version"] = __version__
     write_json(json_path, metrics, meta=meta, class_names=result["class_names"])
     write_csv(csv_path, metrics, class_names=result["class_names"])
     return json_path, csv_path
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("rfclip")
-    except Exception:  # running from a source tree
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------------ benchmark table

@@ -13,12 +13,12 @@ Errors: an :class:`rfclip.errors.RfclipError` (anything the user can fix) prints
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import os
 import sys
 from typing import Sequence
 
+from .. import __version__
 from ..errors import RfclipError
 
 # Subcommand modules, in --help order. Missing modules are skipped (see the module docstring).
@@ -30,16 +30,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-@functools.lru_cache(maxsize=None)
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("rfclip")
-    except Exception:  # not installed (running from a source tree)
-        return "unknown"
 
 
 def _load_module(name: str):
@@ -58,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Training-free open-vocabulary semantic segmentation with CLIP (RF-CLIP, FSA and baselines).",
         epilog="Run 'rfclip COMMAND --help' for the options and examples of a command.",
     )
-    parser.add_argument("--version", action="version", version=f"rfclip {_version()}")
+    parser.add_argument("--version", action="version", version=f"rfclip {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name in SUBCOMMAND_MODULES:

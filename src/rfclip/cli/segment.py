@@ -14,7 +14,8 @@ import numpy as np
 
 from .._io import atomic_open
 from ..errors import RfclipError
-from . import _version, common
+from .. import __version__
+from . import common
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -61,7 +62,7 @@ def add_parser(subparsers) -> None:
     cls.add_argument("--classes-file", metavar="FILE", help="a text file with one class per line")
     io.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created if missing)")
     common.add_images_per_batch_option(io)
-    io.add_argument("--alpha", type=common._float, default=0.5, metavar="A",
+    io.add_argument("--overlay-opacity", type=common._float, default=0.5, metavar="A",
                     help="opacity of the class colours in the overlay (default: 0.5)")
     io.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     common.add_model_options(p)
@@ -219,7 +220,7 @@ def build_record(path: Path, seg, segmenter, args, files: dict[str, Path], secon
                       "used": str(segmenter.amp_dtype).replace("torch.", "") if segmenter.amp_dtype else "float32"},
         "settings": dataclasses.asdict(segmenter.config),
         "seconds": round(seconds, 3),
-        "rfclip_version": _version(),
+        "rfclip_version": __version__,
     }
 
 
@@ -257,7 +258,7 @@ def run(args) -> int:
             for path, arr, seg in zip(group, arrays, results):
                 files = output_paths(out, path)
                 record = build_record(path, seg, segmenter, args, files, seconds)
-                write_outputs(files, arr, seg, record, args.alpha)
+                write_outputs(files, arr, seg, record, args.overlay_opacity)
                 if not quiet:
                     bar.write(f"{path}: {summary(seg)} -> {files['overlay']}", file=sys.stdout)
                 bar.update(1)

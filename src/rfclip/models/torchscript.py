@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-_STORAGE_DTYPES = {
-    name: getattr(torch, name).dtype
-    for name in ("DoubleStorage", "FloatStorage", "HalfStorage", "BFloat16Storage", "LongStorage", "IntStorage",
-                 "ShortStorage", "CharStorage", "ByteStorage", "BoolStorage")
+_STORAGE_DTYPES = {  # the storage class names a pickled tensor reference may carry
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "UntypedStorage": torch.uint8,
 }
-_STORAGE_DTYPES["UntypedStorage"] = torch.uint8
 # class headers in code/: `class Name(Module):` then the parameter and buffer name lists
 _CLASS_HEADER = re.compile(r"^class (\w+)\(Module\):\n  __parameters__ = (\[.*?\])\n  __buffers__ = (\[.*?\])",
                            re.MULTILINE)
