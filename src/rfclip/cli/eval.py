@@ -106,8 +106,7 @@ def _add_eval_options(p: argparse.ArgumentParser, presets) -> None:
     g.add_argument("--limit", type=common._positive_int, metavar="N", help="evaluate only the first N images")
     g.add_argument("--num-workers", type=common._non_negative_int, default=4, metavar="N",
                    help="processes decoding images (default: 4; 0 = none)")
-    g.add_argument("--images-per-batch", type=common._positive_int, default=4, metavar="N",
-                   help="images whose crops share forward passes (default: 4)")
+    common.add_images_per_batch_option(g)
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no table; print only the summary")
     common.add_model_options(p)
     common.add_method_options(p)
