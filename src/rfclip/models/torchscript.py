@@ -71,7 +71,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(storage_offset)
     if len(size) != len(stride) or min((offset, *size, *stride), default=0) < 0:
         raise TorchScriptFormatError(f"a tensor with invalid geometry (size {size}, stride {stride})")
-    capacity = untyped.nbytes() // torch.empty(0, dtype=dtype).element_size()
+    capacity = untyped.nbytes() // dtype.itemsize
     if all(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= capacity:
         raise TorchScriptFormatError(f"a tensor of size {size} reaches past the end of its storage")
     return torch.empty(0, dtype=dtype).set_(untyped, offset, size, stride)
@@ -132,8 +132,7 @@ class _Reader(pickle.Unpickler):
             storage = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if raw else \
                 torch.UntypedStorage(0)
             self.storages[key] = storage
-        itemsize = torch.empty(0, dtype=storage_type.dtype).element_size()
-        if storage.nbytes() < int(numel) * itemsize:
+        if storage.nbytes() < int(numel) * storage_type.dtype.itemsize:
             raise TorchScriptFormatError(f"tensor data {key} is shorter than its {numel} elements")
         return storage, storage_type.dtype
 
