@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rfclip.calibrate import calibrate, dims_file_for, embedding_weights, load_dims_file, resolve_distraction_dims
+from rfclip.calibrate import calibrate, embedding_weights
+from rfclip.distraction_dims import dims_file_for, load_dims_file, resolve_distraction_dims
 from rfclip.errors import RfclipError
 from rfclip.explain import explain
 from rfclip.segmenter import Segmenter

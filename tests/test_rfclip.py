@@ -19,8 +19,9 @@ from rfclip.dense import DenseCLIP
 from rfclip.errors import RfclipError
 from rfclip.methods import build_method
 from rfclip.methods.defocus import bipartition, defocused_tokens, fiedler_vector, foreground_side, otsu_threshold
-from rfclip.methods.rfclip import (RFCLIP, distraction_scores, embed_redistribute, parse_layers,
-                                   redistribute_attention)
+from rfclip.methods.options import parse_layers
+from rfclip.methods.refocus import distraction_scores, embed_redistribute, redistribute_attention
+from rfclip.methods.rfclip import RFCLIP
 
 TINY_DIMS = (5, 20, 41)
 
@@ -393,7 +394,7 @@ class FakeClip:
 
 
 def test_dims_lookup_and_missing_dims_error(tiny_clip, tmp_path, monkeypatch):
-    from rfclip.calibrate import resolve_distraction_dims
+    from rfclip.distraction_dims import resolve_distraction_dims
 
     monkeypatch.setenv("RFCLIP_CACHE", str(tmp_path))
     dims, src = resolve_distraction_dims(FakeClip("ViT-B-16", "openai"))

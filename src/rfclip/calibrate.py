@@ -1,4 +1,4 @@
-"""Distraction dimensions of a CLIP backbone: built-in lists, calibration files, and the calibration itself.
+"""Calibration: find the distraction dimensions of any CLIP ViT the way the paper does.
 
 RF-CLIP needs, for each backbone, the few channels ``D_dis`` of the residual stream in which CLIP over-activates
 some tokens. The paper found them (Sec. "How do distraction tokens surface?", Fig. 3 / Fig. 7) as the peaks of
@@ -12,159 +12,40 @@ the per-dimension *mean embedding weight*:
 
 :func:`calibrate` does this for any ViT CLIP and writes a small JSON file that RF-CLIP picks up automatically
 (``~/.cache/rfclip/distraction_dims/<hash of the model identity>.json``; ``$RFCLIP_CACHE`` or
-``$XDG_CACHE_HOME/rfclip`` move the cache). :func:`resolve_distraction_dims` is the lookup RF-CLIP runs when a
-segmenter is built: explicit dims, then an explicit file, then the built-in lists
-(:data:`rfclip.constants.DISTRACTION_DIMS`), then the calibration cache; otherwise a one-line error naming the
-``rfclip calibrate`` command.
+``$XDG_CACHE_HOME/rfclip`` move the cache). The lookup itself (built-in lists, files, cache) is
+:mod:`rfclip.distraction_dims`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .constants import CLIP_MEAN, CLIP_STD, DISTRACTION_DIMS, RF_CALIBRATE_TOPK
-from ._io import atomic_open
+from .constants import CLIP_MEAN, CLIP_STD, RF_CALIBRATE_TOPK
+from .dense import DenseCLIP, Hooks
+from .devices import resolve_device
+from .distraction_dims import FILE_FORMAT, dims_file_for, model_identity, write_json_atomic
 from .errors import RfclipError
+from .inference import autocast_dtype, load_image
+from .methods.refocus import channel_weights
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
-FILE_FORMAT = "rfclip-distraction-dims/1"
 
 
 # ------------------------------------------------------------------------------------------ embedding weights
 def embedding_weights(x: Tensor, norm: str = "minshift") -> Tensor:
-    """Channel weights of token embeddings ``x`` (..., C) -> (..., C) fp32; each row sums to 1 (``raw``: may not).
-
-    ``minshift``: ``(x - min x) / sum(x - min x)`` (default; the released code's eq. 6); ``abs``:
-    ``|x| / sum |x|``; ``raw``: ``x / sum x`` (the literal transcription of eq. 6; unstable for mixed signs).
-    """
-    x = x.float()
-    if norm == "minshift":
-        g = x - x.amin(-1, keepdim=True)
-        return g / g.sum(-1, keepdim=True).clamp_min(1e-8)
-    if norm == "abs":
-        g = x.abs()
-        return g / g.sum(-1, keepdim=True).clamp_min(1e-8)
-    if norm == "raw":
-        return x / x.sum(-1, keepdim=True)
-    raise ValueError(f"phi_norm must be minshift, abs or raw, got {norm!r}")
-
-
-# ------------------------------------------------------------------------------------------ cache files
-def cache_root() -> Path:
-    """rfclip's cache folder (the text-embedding cache lives next to it)."""
-    base = os.environ.get("RFCLIP_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                          "rfclip")
-    return Path(base)
-
-
-def model_identity(clip) -> str:
-    """The string that names a loaded model's exact weights (``ClipModel.identity``)."""
-    ident = getattr(clip, "identity", None)
-    if ident:
-        return str(ident)
-    return f"{getattr(clip, 'name', 'model')}|{getattr(clip, 'pretrained', None)}|{getattr(clip, 'source', '')}"
-
-
-def dims_file_for(clip, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where :func:`calibrate` saves (and RF-CLIP looks for) the dims of ``clip``."""
-    root = Path(cache_dir) if cache_dir is not None else cache_root() / "distraction_dims"
-    digest = hashlib.sha1(model_identity(clip).encode("utf-8")).hexdigest()[:16]
-    return root / f"{digest}.json"
-
-
-def load_dims_file(path: str | os.PathLike, width: int | None = None) -> tuple[int, ...]:
-    """Distraction dims from a calibration JSON (``{"dims": [...]}``) or a plain JSON list of ints."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RfclipError(f"distraction-dims file not found: {path}; run `rfclip calibrate` or check the path")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RfclipError(f"cannot read distraction-dims file {path}: {err}; re-run `rfclip calibrate`") from None
-    dims = data.get("dims") if isinstance(data, dict) else data
-    return check_dims(dims, width, where=str(path))
-
-
-def check_dims(dims: Any, width: int | None = None, where: str = "distraction_dims") -> tuple[int, ...]:
-    """Validate a dims list: non-empty, unique integers in ``[0, width)``. Returns a sorted tuple."""
-    if isinstance(dims, str):
-        dims = [d for d in dims.replace(";", ",").split(",") if d.strip()]
-    elif isinstance(dims, int):  # `--option distraction_dims=4` parses to a single int
-        dims = [dims]
-    try:
-        out = tuple(sorted({int(d) for d in dims}))
-    except (TypeError, ValueError):
-        raise RfclipError(f"{where}: distraction dims must be a list of channel indices, got {dims!r}") from None
-    if not out:
-        raise RfclipError(f"{where}: the list of distraction dims is empty")
-    if out[0] < 0 or (width is not None and out[-1] >= width):
-        raise RfclipError(f"{where}: distraction dims {list(out)} out of range for a residual width of {width} "
-                          f"(0-based channel indices are expected)")
-    return out
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-
-
-def builtin_dims(clip) -> tuple[int, ...] | None:
-    """The paper's lists for OpenAI ViT-B/16 and ViT-L/14 (also when OpenAI weights come from a local file)."""
-    name, tag = getattr(clip, "name", None), getattr(clip, "pretrained", None)
-    dims = DISTRACTION_DIMS.get((name, tag))
-    if dims is None and tag is None and str(getattr(clip, "source", "")).startswith("openai"):
-        dims = DISTRACTION_DIMS.get((name, "openai"))
-    return tuple(dims) if dims is not None else None
-
-
-def calibrate_command(clip) -> str:
-    """The command line that calibrates ``clip`` (for error messages)."""
-    name = getattr(clip, "name", "MODEL")
-    tag = getattr(clip, "pretrained", None)
-    source = str(getattr(clip, "source", ""))
-    if tag:
-        return f"rfclip calibrate --model {name} --pretrained {tag} IMAGES_DIR"
-    if ":" in source and not source.startswith(("random", "open_clip:")):
-        return f"rfclip calibrate --model {name} --checkpoint {source.split(':', 1)[1]} IMAGES_DIR"
-    return f"rfclip calibrate --model {name} --pretrained TAG IMAGES_DIR"
-
-
-def resolve_distraction_dims(clip, distraction_dims=None, dims_file=None, width: int | None = None,
-                             cache_dir: str | os.PathLike | None = None) -> tuple[tuple[int, ...], str]:
-    """The distraction dims RF-CLIP uses for ``clip`` and where they came from.
-
-    Order: ``distraction_dims`` (explicit), ``dims_file``, the built-in lists, the calibration cache. Raises
-    :class:`RfclipError` naming the calibrate command when none applies.
-    """
-    if distraction_dims is not None:
-        return check_dims(distraction_dims, width), "distraction_dims option"
-    if dims_file is not None:
-        return load_dims_file(dims_file, width), str(dims_file)
-    dims = builtin_dims(clip)
-    if dims is not None:
-        return check_dims(dims, width, where=f"built-in dims of {getattr(clip, 'name', '?')}"), "built-in (paper)"
-    cached = dims_file_for(clip, cache_dir)
-    if cached.is_file():
-        return load_dims_file(cached, width), str(cached)
-    name = getattr(clip, "name", "this model")
-    what = getattr(clip, "pretrained", None) or getattr(clip, "source", "")
-    raise RfclipError(
-        f"RF-CLIP has no distraction dimensions for {name} ({what}); find them once with "
-        f"`{calibrate_command(clip)}` (a folder of ~100 or more natural images), or pass "
-        f"--option distraction_dims=4,162,... / --option dims_file=FILE (Python: distraction_dims=[...])"
-    )
+    """Channel weights of token embeddings ``x`` (..., C) -> (..., C) fp32 (eq. 6's normalisation,
+    :func:`rfclip.methods.refocus.channel_weights`); each row sums to 1 except with ``raw``."""
+    return channel_weights(x, norm)
 
 
 # ------------------------------------------------------------------------------------------ calibration
@@ -220,29 +101,23 @@ def _square_crop(image: np.ndarray, size: int, device) -> Tensor:
     return ((x - mean) / std)[0]
 
 
-def _profile_method():
-    """A vanilla-CLIP method that sums each patch token's layer inputs (the unmodified residual stream)."""
-    from .methods.base import Method
+class _InputProfile(Hooks):
+    """Vanilla CLIP that keeps each patch token's layer inputs summed (the unmodified residual stream)."""
 
-    class _InputProfile(Method):
-        name = "_input_profile"
+    def begin(self, ctx):
+        ctx.store["sum"] = None
 
-        def begin(self, ctx):
-            ctx.store["sum"] = None
-
-        def layer_input(self, ctx, layer, x):
-            f = x[:, 1:].float()
-            ctx.store["sum"] = f if ctx.store["sum"] is None else ctx.store["sum"] + f
-            if layer == ctx.num_layers - 1:
-                self.last = ctx.store["sum"] / ctx.num_layers  # (B, N, C) layer-averaged input per token
-            return x
-
-    return _InputProfile()
+    def layer_input(self, ctx, layer, x):
+        f = x[:, 1:].float()
+        ctx.store["sum"] = f if ctx.store["sum"] is None else ctx.store["sum"] + f
+        if layer == ctx.num_layers - 1:
+            self.last = ctx.store["sum"] / ctx.num_layers  # (B, N, C) layer-averaged input per token
+        return x
 
 
 def token_profiles(encoder, images: Tensor) -> Tensor:
     """Layer-averaged input embeddings ``f_i`` (B, N, C) fp32 of the patch tokens of ``images`` (unmodified CLIP)."""
-    method = _profile_method()
+    method = _InputProfile()
     encoder(images, method)
     return method.last
 
@@ -271,10 +146,6 @@ def calibrate(model, images, topk: int = RF_CALIBRATE_TOPK, *, pretrained: str |
     Returns:
         :class:`CalibrationResult` with the dims (sorted), the per-dimension mean weight and the file written.
     """
-    from .dense import DenseCLIP
-    from .inference import autocast_dtype, load_image
-    from .segmenter import resolve_device
-
     if topk < 1:
         raise RfclipError(f"topk must be at least 1, got {topk}")
     if hasattr(model, "encoder") and hasattr(model, "clip"):  # a Segmenter
@@ -320,7 +191,7 @@ def calibrate(model, images, topk: int = RF_CALIBRATE_TOPK, *, pretrained: str |
     path = None
     if save:
         path = Path(out_file).expanduser() if out_file is not None else dims_file_for(clip, cache_dir)
-        _write_json_atomic(path, {
+        write_json_atomic(path, {
             "format": FILE_FORMAT,
             "model": getattr(clip, "name", None),
             "pretrained": getattr(clip, "pretrained", None),

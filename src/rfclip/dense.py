@@ -21,16 +21,13 @@ kernels on GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import RfclipError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .methods.base import Method
 
 
 @dataclass
@@ -89,6 +86,37 @@ class ForwardContext:
         """Record a diagnostic tensor (detached, on CPU, fp32) when recording is switched on."""
         if self.record is not None:
             self.record.setdefault(key, []).append(value.detach().float().cpu())
+
+
+class Hooks:
+    """The per-layer hook interface of :meth:`DenseCLIP.forward`. The defaults are vanilla CLIP.
+
+    Methods (:class:`rfclip.methods.Method`) subclass this; the forward only ever calls these hooks, so it never
+    needs to know which method runs.
+    """
+
+    reduced_last_block: bool = False  # drop the last block's residual and FFN (ClearCLIP's finding)
+
+    def begin(self, ctx: "ForwardContext") -> None:
+        """Called at the start of every forward."""
+
+    def layer_input(self, ctx: "ForwardContext", layer: int, x: Tensor) -> Tensor:
+        """The residual stream entering ``layer``: x (B, 1+N, C), pre-LN. Return it (changed or not)."""
+        return x
+
+    def attention(self, ctx: "ForwardContext", layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        """Attention weights (B, H, T, T) of ``layer``, or None for CLIP's own softmax(q k^T / sqrt(dh))."""
+        return None
+
+    def final_attention(self, ctx: "ForwardContext", q: Tensor, k: Tensor, v: Tensor) -> FinalAttention:
+        """How the last block attends. Default: this method's ``attention`` on the last layer."""
+        weights = self.attention(ctx, ctx.num_layers - 1, q, k, v)
+        return FinalAttention(weights=weights, keep_residual=not self.reduced_last_block)
+
+    @property
+    def needs_text_in_forward(self) -> bool:
+        """True when the forward needs the text embeddings (FSA's feedback)."""
+        return False
 
 
 def softmax_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
@@ -203,7 +231,7 @@ class DenseCLIP(nn.Module):
         return y @ proj.to(y.dtype) if proj is not None else y
 
     # ------------------------------------------------------------------ the forward
-    def forward(self, images: Tensor, method: "Method", text_features: Tensor | None = None,
+    def forward(self, images: Tensor, method: Hooks, text_features: Tensor | None = None,
                 record: dict[str, Any] | None = None) -> tuple[Tensor, tuple[int, int]]:
         """Dense features of crops ``images`` (B, 3, H, W).
 

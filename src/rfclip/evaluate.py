@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
+from .devices import parse_device
 from .errors import RfclipError
 
 RESULT_KEYS = ("miou", "aacc", "macc", "iou", "acc", "per_class_iou", "num_images", "images_per_s", "seconds", "counts")
@@ -91,12 +92,12 @@ def distributed_session(device: str | torch.device | None = None) -> Iterator[Di
     import torch.distributed as dist
 
     if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
-        yield current_distributed() if launched_by_torchrun() else DistributedInfo(device=_as_device(device))
+        yield current_distributed() if launched_by_torchrun() else DistributedInfo(device=parse_device(device))
         return
     if not dist.is_available():
         raise RfclipError("this PyTorch build has no torch.distributed; run without torchrun")
     rank, world_size, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
-    wanted = _as_device(device)
+    wanted = parse_device(device)
     use_cuda = wanted.type == "cuda" if wanted is not None else torch.cuda.is_available()
     if use_cuda:
         if not torch.cuda.is_available():
@@ -117,15 +118,6 @@ def distributed_session(device: str | torch.device | None = None) -> Iterator[Di
                               backend=backend)
     finally:
         dist.destroy_process_group()
-
-
-def _as_device(device) -> torch.device | None:
-    if device is None:
-        return None
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise RfclipError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
 
 
 def shard_batches(num_images: int, images_per_batch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:

@@ -103,7 +103,7 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
     from . import viz
     from .calibrate import embedding_weights, token_profiles
     from .inference import load_image, preprocess, rescale_size
-    from .methods.rfclip import parse_layers
+    from .methods.options import parse_layers
 
     method = _find_rfclip(segmenter.method)
     if method is None:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .dense import DenseCLIP
+from .devices import resolve_device
 from .errors import RfclipError
 from .inference import InferenceConfig, autocast_dtype, dense_logits, load_image, postprocess, preprocess
 from .methods import build_method, method_option_names
@@ -31,19 +32,6 @@ class Segmentation:
         """Fraction of the image's pixels given to each class."""
         counts = np.bincount(self.mask.ravel(), minlength=len(self.classes))
         return {name: float(n) / self.mask.size for name, n in zip(self.classes, counts)}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU; a bad name is a user error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise RfclipError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RfclipError(f"device '{device}' asked for but CUDA is not available here; use --device cpu")
-    return dev
 
 
 class Segmenter:

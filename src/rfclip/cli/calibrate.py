@@ -56,7 +56,7 @@ def run(args) -> int:
             print(f"\rcalibrating: {done}/{total} images", end="" if done < total else "\n", file=sys.stderr)
 
     from ..models.loading import load_clip
-    from ..segmenter import resolve_device
+    from ..devices import resolve_device
 
     device = resolve_device(args.device)
     clip = load_clip(args.model, args.pretrained, checkpoint=args.checkpoint, device=device, quick_gelu=args.quick_gelu)

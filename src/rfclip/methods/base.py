@@ -1,22 +1,24 @@
-"""The hook interface every method implements, and the registry of methods by name."""
+"""The base of every method (hooks from :mod:`rfclip.dense` plus name, options, ``prepare``) and the registry."""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 from torch import Tensor
 
-from ..dense import FinalAttention, ForwardContext, softmax_attention
+from ..dense import ForwardContext, Hooks, softmax_attention
 from ..errors import RfclipError
+from .options import coerce_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.loading import ClipModel
 
 
 @dataclasses.dataclass
-class Method:
-    """Per-layer hooks called by :class:`rfclip.dense.DenseCLIP`. The defaults are vanilla CLIP.
+class Method(Hooks):
+    """A segmentation method: hooks (:class:`rfclip.dense.Hooks`) plus a name, options and a ``prepare`` step.
 
     Subclasses are dataclasses: their fields are the method's options (``Segmenter(method="naclip",
     gaussian_std=3)``), with the paper's values as defaults.
@@ -28,27 +30,6 @@ class Method:
 
     def prepare(self, clip: "ClipModel") -> None:
         """Called once with the loaded model, before any forward (check backbone-specific needs here)."""
-
-    def begin(self, ctx: ForwardContext) -> None:
-        """Called at the start of every forward."""
-
-    def layer_input(self, ctx: ForwardContext, layer: int, x: Tensor) -> Tensor:
-        """The residual stream entering ``layer``: x (B, 1+N, C), pre-LN. Return it (changed or not)."""
-        return x
-
-    def attention(self, ctx: ForwardContext, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-        """Attention weights (B, H, T, T) of ``layer``, or None for CLIP's own softmax(q k^T / sqrt(dh))."""
-        return None
-
-    def final_attention(self, ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor) -> FinalAttention:
-        """How the last block attends. Default: this method's ``attention`` on the last layer."""
-        weights = self.attention(ctx, ctx.num_layers - 1, q, k, v)
-        return FinalAttention(weights=weights, keep_residual=not self.reduced_last_block)
-
-    @property
-    def needs_text_in_forward(self) -> bool:
-        """True when the forward needs the text embeddings (FSA's feedback)."""
-        return False
 
     def options(self) -> dict:
         """The method's option values."""
@@ -66,12 +47,19 @@ PLUGINS: dict[str, Callable[..., Method]] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
+    """Register a method class under ``cls.name`` (a second class under a taken name replaces it, with a warning)."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        warnings.warn(f"method '{cls.name}' registered again: {cls.__qualname__} replaces "
+                      f"{METHODS[cls.name].__qualname__}", stacklevel=2)
     METHODS[cls.name] = cls
     return cls
 
 
 def register_plugin(name: str):
+    """Register a plug-in factory ``factory(base_method, **options) -> Method`` under ``name``."""
     def wrap(factory):
+        if name in PLUGINS and PLUGINS[name] is not factory:
+            warnings.warn(f"plugin '{name}' registered again: {factory.__qualname__} replaces it", stacklevel=2)
         PLUGINS[name] = factory
         return factory
 
@@ -130,9 +118,11 @@ def build_method(spec: str, plugins=(), **options) -> Method:
         valid = ", ".join(sorted(known)) or "none"
         raise RfclipError(f"unknown option(s) {', '.join(unknown)} for method '{spec}'; valid options: {valid}")
     try:
-        method = base_cls(**{k: v for k, v in options.items() if k in base_names})
+        method = base_cls(**coerce_options(base_cls, {k: v for k, v in options.items() if k in base_names}))
         for plugin in extra:
-            method = PLUGINS[plugin](method, **{k: v for k, v in options.items() if k in plugin_names[plugin]})
+            factory = PLUGINS[plugin]
+            own = {k: v for k, v in options.items() if k in plugin_names[plugin]}
+            method = factory(method, **(coerce_options(factory, own) if isinstance(factory, type) else own))
     except (TypeError, ValueError) as err:
         raise RfclipError(f"bad option for method '{spec}': {err}") from None
     return method

@@ -31,7 +31,6 @@ import dataclasses
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..constants import (RF_ALPHA, RF_ATTN_CONDITION_MODELS, RF_CUT_THRESHOLD, RF_DEFOCUS_SIM, RF_EMBED_KERNEL,
@@ -41,8 +40,10 @@ from ..dense import FinalAttention, ForwardContext, softmax_attention
 from ..errors import RfclipError
 from .base import Method, register_method
 from .defocus import CUT_THRESHOLDS, EIG_SOLVERS, FG_RULES, defocused_tokens, no_autocast, symmetrize
+from .options import check_choice, coerce_fields, parse_layers, parse_switch
+from .refocus import (EMBED_PADDINGS, PHI_NORMS, distraction_scores, embed_redistribute, lowpass_clamp,
+                      random_like_count, redistribute_attention)
 
-PHI_NORMS = ("minshift", "abs", "raw")
 SUPPRESS_MODES = ("none", "mask", "lowpass", "mean", "median")
 REDISTRIBUTE_TARGETS = ("defocused", "non_distraction", "cls")
 DEFOCUS_SIMS = ("kk_avg", "kk_cur", "qk_cur", "qk_avg")
@@ -52,209 +53,40 @@ PROXY_ATTNS = ("kk_layer_avg", "kk_last", "qq_last", "qq_plus_kk_last", "qk_last
 PROXY_LAYERS = ("all", "intermediate")
 PROXY_HEADS = ("per_head", "head_mean")
 EMBED_CHANNELS = ("dis", "all")
-EMBED_PADDINGS = ("valid", "zero")
 ATTN_RULES = ("theta", "five_over_n")
 
 
-# =============================================================================================== pure steps
-def distraction_scores(patches: Tensor, dims: Tensor, norm: str = "minshift") -> Tensor:
-    """eq. 6: ``phi_i = max_{j in dims} w_i[j]`` for tokens ``patches`` (B, N, C). Returns (B, N) fp32.
+# =============================================================================================== forward state
+@dataclasses.dataclass
+class LayerSum:
+    """Running sum of per-layer attention maps (B, H, T, T) fp32 and the number of layers in it."""
 
-    Computed without an fp32 copy of the whole stream: sums accumulate in fp32 (an fp16 sum over a token with
-    massive activations would overflow to inf and hide every distraction token).
-    """
-    C = patches.shape[-1]
-    sel = patches.index_select(-1, dims)  # (B, N, k)
-    if norm == "minshift":
-        mn = patches.amin(-1).float()
-        den = patches.sum(-1, dtype=torch.float32) - C * mn
-        return (sel.amax(-1).float() - mn) / den.clamp_min(1e-8)
-    if norm == "abs":
-        den = patches.abs().sum(-1, dtype=torch.float32)
-        return sel.abs().amax(-1).float() / den.clamp_min(1e-8)
-    if norm == "raw":  # literal eq. 6 as transcribed: signed sum in the denominator
-        den = patches.sum(-1, dtype=torch.float32)
-        return torch.nan_to_num((sel.float() / den.unsqueeze(-1)).amax(-1), nan=0.0, posinf=1e4, neginf=-1e4)
-    raise ValueError(f"phi_norm must be one of {PHI_NORMS}, got {norm!r}")
+    total: Tensor | None = None
+    count: int = 0
+
+    def add(self, value: Tensor, own: bool = False) -> None:
+        """Add one layer's map; ``own``: the sum may take ``value`` itself (the caller never modifies it later)."""
+        if self.total is None:
+            self.total = value if own else value.clone()
+        else:
+            self.total.add_(value)
+        self.count += 1
 
 
-def _grid_of(t: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(B, N, k) -> (B, k, h, w)."""
-    B, N, k = t.shape
-    return t.transpose(1, 2).reshape(B, k, grid[0], grid[1])
+@dataclasses.dataclass
+class RFState:
+    """RF-CLIP's state within one forward (``ctx.store["rfclip"]``)."""
 
-
-def _from_grid(t: Tensor) -> Tensor:
-    """(B, k, h, w) -> (B, N, k)."""
-    return t.flatten(2).transpose(1, 2)
-
-
-def neighbourhood_mean(values: Tensor, grid: tuple[int, int], kernel: int = 3, exclude_center: bool = False,
-                       padding: str = "valid") -> Tensor:
-    """Mean over the ``kernel`` x ``kernel`` window of each token (B, N, k) -> (B, N, k) fp32.
-
-    ``padding="valid"`` averages the in-grid neighbours only; ``"zero"`` pads with zeros and divides by the full
-    window (the released code). ``exclude_center`` leaves the token itself out.
-    """
-    img = _grid_of(values.float(), grid)
-    pad = kernel // 2
-    area = float(kernel * kernel)
-    sums = F.avg_pool2d(img, kernel, stride=1, padding=pad, count_include_pad=True) * area
-    if padding == "valid":
-        ones = torch.ones(1, 1, *grid, device=img.device, dtype=img.dtype)
-        counts = F.avg_pool2d(ones, kernel, stride=1, padding=pad, count_include_pad=True) * area
-        counts = counts.round()
-    elif padding == "zero":
-        counts = torch.full((1, 1, *grid), area, device=img.device, dtype=img.dtype)
-    else:
-        raise ValueError(f"embed_padding must be one of {EMBED_PADDINGS}, got {padding!r}")
-    if exclude_center:
-        sums = sums - img
-        counts = (counts - 1).clamp_min(1)
-    return _from_grid(sums / counts)
-
-
-def neighbourhood_median(values: Tensor, grid: tuple[int, int], kernel: int = 3) -> Tensor:
-    """Median over the in-grid ``kernel`` x ``kernel`` window (centre included). (B, N, k) -> (B, N, k) fp32."""
-    img = _grid_of(values.float(), grid)
-    B, k, h, w = img.shape
-    pad = kernel // 2
-    padded = F.pad(img, (pad, pad, pad, pad), value=float("nan"))
-    windows = F.unfold(padded.reshape(B * k, 1, h + 2 * pad, w + 2 * pad), kernel)  # (B*k, K*K, h*w)
-    med = windows.nanmedian(dim=1).values.reshape(B, k, h * w)
-    return med.transpose(1, 2)
-
-
-def embed_redistribute(x: Tensor, dis: Tensor, dims: Tensor | None, grid: tuple[int, int], kernel: int = 3,
-                       exclude_center: bool = False, blend: float = 1.0, padding: str = "valid",
-                       reducer: str = "mean") -> Tensor:
-    """eq. 13: channels ``dims`` (all channels if None) of the distraction tokens ``dis`` (B, N) of ``x``
-    (B, 1+N, C) become ``(1 - blend) f + blend * neighbourhood_mean(f)``. Everything else is unchanged.
-
-    Returns a new tensor (``x`` is not modified); all tokens are updated from the pre-update values.
-    """
-    patches = x[:, 1:]
-    sel = patches if dims is None else patches.index_select(-1, dims)  # (B, N, k)
-    if reducer == "median":
-        smooth = neighbourhood_median(sel, grid, kernel)
-    else:
-        smooth = neighbourhood_mean(sel, grid, kernel, exclude_center, padding)
-    if blend != 1.0:
-        smooth = (1.0 - blend) * sel.float() + blend * smooth
-    new = torch.where(dis.unsqueeze(-1), smooth.to(x.dtype), sel)
-    out = x.clone()
-    if dims is None:
-        out[:, 1:] = new
-    else:
-        out[:, 1:, dims] = new
-    return out
-
-
-def lowpass_clamp(x: Tensor, dis: Tensor, dims: Tensor, tau: float, iterations: int = 3) -> Tensor:
-    """Table 1 "low-pass filtering": clamp the ``dims`` channels of the ``dis`` tokens so that their min-shift
-    weight is at most ``tau`` (fixed point over a few passes). Returns a new tensor."""
-    f = x[:, 1:].float()
-    mn = f.amin(-1, keepdim=True)
-    g = f - mn
-    mask = dis.unsqueeze(-1)
-    for _ in range(iterations):
-        den = g.sum(-1, keepdim=True)
-        gd = g.index_select(-1, dims)
-        over = (gd > tau * den) & mask
-        c = over.sum(-1, keepdim=True).float()
-        rest = den - (gd * over).sum(-1, keepdim=True)
-        cap = tau * rest / (1.0 - c * tau).clamp_min(1e-6)
-        g[..., dims] = torch.where(over, torch.minimum(gd, cap), gd)
-    out = x.clone()
-    out[:, 1:] = torch.where(mask, (g + mn).to(x.dtype), x[:, 1:])
-    return out
-
-
-def redistribute_attention(A: Tensor, dis: Tensor, target: Tensor | None, alpha: float, to_cls: bool = False,
-                           cls_row: bool = False) -> Tensor:
-    """eq. 9-12 on attention weights ``A`` (B, H, 1+N, 1+N), row-stochastic, changed **in place** and returned.
-
-    ``dis`` and ``target`` are (B, N) masks shared by the heads or (B, H, N) per head; ``T_def`` must not
-    intersect ``T_dis``. For every patch query row ``r`` (and the [CLS] row when ``cls_row``):
-    ``A'[r, j] = (1 - alpha) A[r, j]`` for ``j`` in ``T_dis``; the budget ``alpha * sum_{T_dis} A[r, :]`` is added
-    to the ``T_def`` columns in proportion to ``A[r, j]`` (``to_cls``: all of it to column 0). Row sums are kept;
-    a row whose target weights are all zero is left unchanged, so is every crop with an empty ``T_dis`` or
-    ``T_def``. Only patch columns shrink; the [CLS] column changes only with ``to_cls``.
-    """
-    r0 = 0 if cls_row else 1
-    P = A[:, :, r0:, 1:]  # (B, H, R, N) view
-    md = dis.float()
-    md = md.unsqueeze(1) if md.dim() == 2 else md  # (B, 1|H, N)
-    dis_mass = torch.matmul(P, md.unsqueeze(-1))  # (B, H, R, 1)
-    if to_cls:
-        A[:, :, r0:, :1] += alpha * dis_mass
-        P.mul_(1.0 - alpha * md.unsqueeze(-2))
-        return A
-    mt = target.float()
-    mt = mt.unsqueeze(1) if mt.dim() == 2 else mt
-    tgt_mass = torch.matmul(P, mt.unsqueeze(-1))  # (B, H, R, 1)
-    ok = (tgt_mass > 1e-30).float()
-    ratio = ok * alpha * dis_mass / tgt_mass.clamp_min(1e-30)  # (B, H, R, 1)
-    factor = 1.0 - (alpha * ok) * md.unsqueeze(-2) + ratio * mt.unsqueeze(-2)  # (B, H, R, N)
-    P.mul_(factor)
-    return A
-
-
-def random_like_count(dis: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """A random token set per crop with as many tokens as ``dis`` (B, N) has (Table 4 (II) control)."""
-    B, N = dis.shape
-    scores = torch.rand(B, N, generator=generator, device=dis.device)
-    rank = scores.argsort(-1).argsort(-1)
-    return rank < dis.sum(-1, keepdim=True)
-
-
-def parse_layers(spec, num_layers: int) -> frozenset[int]:
-    """``None``/``"all"`` -> every layer; ``"0-5,9"``, ``[0, 1, -1]`` (0-based; negatives count from the end)."""
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
-        return frozenset(range(num_layers))
-    if isinstance(spec, str):
-        items: list = []
-        for part in spec.replace(";", ",").split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0],
-                                                                             part[1:].split("-", 1)[1])
-                items.extend(range(int(a) % num_layers, int(b) % num_layers + 1))
-            else:
-                items.append(int(part))
-    elif isinstance(spec, int):
-        items = [spec]
-    else:
-        items = [int(i) for i in spec]
-    out = set()
-    for i in items:
-        if not -num_layers <= i < num_layers:
-            raise RfclipError(f"rf_layers: layer {i} out of range for a {num_layers}-layer model (0-based)")
-        out.add(i % num_layers)
-    return frozenset(out)
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
-def _as_bool_or_auto(value) -> bool | None:
-    """``"auto"``/None -> None; booleans and on/off/true/false/1/0 strings -> bool."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return value
-    s = str(value).strip().lower()
-    if s == "auto":
-        return None
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"attn_condition must be auto, on or off; got {value!r}")
+    layers: frozenset[int]  # layers whose input is checked for distraction tokens (rf_layers)
+    dims: Tensor | None = None  # (k,) long distraction dims on the crops' device
+    tau: float | None = None
+    need_kk: bool = False  # keep the running key-key sum (last-layer proxy, or the kk_avg graph)
+    need_qk: bool = False  # keep the running query-key sum (qk_avg graph)
+    kk: LayerSum = dataclasses.field(default_factory=LayerSum)
+    qk: LayerSum = dataclasses.field(default_factory=LayerSum)
+    dis: Tensor | None = None  # (B, N) bool, this layer's distraction tokens T_dis
+    dis_any: bool = False
+    generator: torch.Generator | None = None  # random_tokens control
 
 
 # =============================================================================================== the method
@@ -340,23 +172,23 @@ class RFCLIP(Method):
     redistribute_proxy: bool = False
 
     def __post_init__(self) -> None:
-        self._coerce_types()
-        _check_choice("phi_norm", self.phi_norm, PHI_NORMS)
-        _check_choice("attn_rule", self.attn_rule, ATTN_RULES)
-        _check_choice("embed_channels", self.embed_channels, EMBED_CHANNELS)
-        _check_choice("embed_padding", self.embed_padding, EMBED_PADDINGS)
-        _check_choice("suppress_mode", self.suppress_mode, SUPPRESS_MODES)
-        _check_choice("redistribute_to", self.redistribute_to, REDISTRIBUTE_TARGETS)
-        _check_choice("defocus_sim", self.defocus_sim, DEFOCUS_SIMS)
-        _check_choice("defocus_sim_layers", self.defocus_sim_layers, SIM_LAYERS)
-        _check_choice("defocus_sim_heads", self.defocus_sim_heads, SIM_HEADS)
-        _check_choice("cut_threshold", self.cut_threshold, CUT_THRESHOLDS)
-        _check_choice("fg_rule", self.fg_rule, FG_RULES)
-        _check_choice("eig_solver", self.eig_solver, EIG_SOLVERS)
-        _check_choice("proxy_attn", self.proxy_attn, PROXY_ATTNS)
-        _check_choice("proxy_layers", self.proxy_layers, PROXY_LAYERS)
-        _check_choice("proxy_heads", self.proxy_heads, PROXY_HEADS)
-        self._attn_cond = _as_bool_or_auto(self.attn_condition)
+        coerce_fields(self)
+        check_choice("phi_norm", self.phi_norm, PHI_NORMS)
+        check_choice("attn_rule", self.attn_rule, ATTN_RULES)
+        check_choice("embed_channels", self.embed_channels, EMBED_CHANNELS)
+        check_choice("embed_padding", self.embed_padding, EMBED_PADDINGS)
+        check_choice("suppress_mode", self.suppress_mode, SUPPRESS_MODES)
+        check_choice("redistribute_to", self.redistribute_to, REDISTRIBUTE_TARGETS)
+        check_choice("defocus_sim", self.defocus_sim, DEFOCUS_SIMS)
+        check_choice("defocus_sim_layers", self.defocus_sim_layers, SIM_LAYERS)
+        check_choice("defocus_sim_heads", self.defocus_sim_heads, SIM_HEADS)
+        check_choice("cut_threshold", self.cut_threshold, CUT_THRESHOLDS)
+        check_choice("fg_rule", self.fg_rule, FG_RULES)
+        check_choice("eig_solver", self.eig_solver, EIG_SOLVERS)
+        check_choice("proxy_attn", self.proxy_attn, PROXY_ATTNS)
+        check_choice("proxy_layers", self.proxy_layers, PROXY_LAYERS)
+        check_choice("proxy_heads", self.proxy_heads, PROXY_HEADS)
+        self._attn_cond = parse_switch(self.attn_condition)
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1] (the fraction of distraction attention moved), got {self.alpha}")
         if not 0.0 < float(self.embed_blend) <= 1.0:
@@ -372,26 +204,6 @@ class RFCLIP(Method):
         self._model_name: str | None = None
         self._dims_cache: dict[torch.device, Tensor] = {}
 
-    def _coerce_types(self) -> None:
-        """Options given as strings (command line) become the type of their default."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            default = f.default
-            if value is None or isinstance(default, str) or default is None or default is dataclasses.MISSING:
-                continue
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    b = _as_bool_or_auto(value)
-                    if b is None:
-                        raise ValueError(f"{f.name} must be true or false, got {value!r}")
-                    setattr(self, f.name, b)
-            elif isinstance(default, int):
-                setattr(self, f.name, int(value))
-            elif isinstance(default, float):
-                setattr(self, f.name, float(value))
-        if self.tau is not None:
-            self.tau = float(self.tau)
-
     # ------------------------------------------------------------------------------------------ setup
     @property
     def detects(self) -> bool:
@@ -400,7 +212,7 @@ class RFCLIP(Method):
                     or self.redistribute_proxy)
 
     def prepare(self, clip) -> None:
-        from ..calibrate import resolve_distraction_dims
+        from ..distraction_dims import resolve_distraction_dims
 
         self._model_name = getattr(clip, "name", None)
         width = int(clip.model.visual.transformer.width) if hasattr(clip.model.visual, "transformer") else None
@@ -419,7 +231,7 @@ class RFCLIP(Method):
             if self.distraction_dims is None and self.dims_file is None:
                 raise RfclipError("RF-CLIP needs distraction dims: build it through Segmenter (which looks them up) "
                                   "or pass distraction_dims=[...] / dims_file=FILE")
-            from ..calibrate import check_dims, load_dims_file
+            from ..distraction_dims import check_dims, load_dims_file
 
             if self.distraction_dims is not None:
                 self._dims, self._dims_source = check_dims(self.distraction_dims, width), "distraction_dims option"
@@ -440,36 +252,30 @@ class RFCLIP(Method):
         return float(self.tau) if self.tau is not None else float(self.tau_mult) / width
 
     def begin(self, ctx: ForwardContext) -> None:
-        st = ctx.store
-        st["rf_layers"] = parse_layers(self.rf_layers, ctx.num_layers)
-        st["rf_dis"] = None
-        st["rf_dis_any"] = False
-        st["rf_kk_sum"] = None
-        st["rf_kk_count"] = 0
-        st["rf_qk_sum"] = None
-        st["rf_qk_count"] = 0
         device = ctx.images.device
-        if self.detects:
-            st["rf_dims"] = self.dims_tensor(device, ctx.width)
-            st["rf_tau"] = self.threshold(ctx.width)
-        if self.random_tokens:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(0)
-            st["rf_gen"] = gen
         defocus = self.attn_redistribution and self.redistribute_to == "defocused"
         defocus_proxy = self.redistribute_proxy and self.redistribute_to == "defocused"
-        st["rf_need_kk_sum"] = (self.proxy_attn == "kk_layer_avg"
-                                or ((defocus or defocus_proxy) and self.defocus_sim == "kk_avg"))
-        st["rf_need_qk_sum"] = (defocus or defocus_proxy) and self.defocus_sim == "qk_avg"
+        st = RFState(
+            layers=parse_layers(self.rf_layers, ctx.num_layers),
+            need_kk=(self.proxy_attn == "kk_layer_avg" or ((defocus or defocus_proxy) and self.defocus_sim == "kk_avg")),
+            need_qk=(defocus or defocus_proxy) and self.defocus_sim == "qk_avg",
+        )
+        if self.detects:
+            st.dims = self.dims_tensor(device, ctx.width)
+            st.tau = self.threshold(ctx.width)
+        if self.random_tokens:
+            st.generator = torch.Generator(device=device)
+            st.generator.manual_seed(0)
+        ctx.store["rfclip"] = st
 
     # ------------------------------------------------------------------------------------------ hooks
     def layer_input(self, ctx: ForwardContext, layer: int, x: Tensor) -> Tensor:
-        st = ctx.store
-        st["rf_dis"], st["rf_dis_any"] = None, False
+        st: RFState = ctx.store["rfclip"]
+        st.dis, st.dis_any = None, False
         rec = ctx.record is not None
-        if not self.detects or layer not in st["rf_layers"]:
+        if not self.detects or layer not in st.layers:
             return x
-        dims, tau = st["rf_dims"], st["rf_tau"]
+        dims, tau = st.dims, st.tau
         phi = distraction_scores(x[:, 1:], dims, self.phi_norm)  # (B, N) fp32
         dis = phi > tau
         if rec:
@@ -482,9 +288,9 @@ class RFCLIP(Method):
             if rec:
                 ctx.log(f"rf.L{layer}.col_attn", col)
         if self.random_tokens:
-            dis = random_like_count(dis, st.get("rf_gen"))
+            dis = random_like_count(dis, st.generator)
         any_dis = bool(dis.any())
-        st["rf_dis"], st["rf_dis_any"] = dis, any_dis
+        st.dis, st.dis_any = dis, any_dis
         if rec:
             ctx.log(f"rf.L{layer}.dis", dis)
         if not any_dis:
@@ -505,32 +311,24 @@ class RFCLIP(Method):
         A = softmax_attention(q, k, ctx.scale)  # (B, H, T, T)
         return A.mean(1)[:, 1:, 1:].mean(1)
 
-    def _accumulate(self, st: dict, key: str, value: Tensor, own: bool = False) -> None:
-        """Add ``value`` to the running sum ``key``; ``own``: the sum may take ``value`` itself (not modified later)."""
-        if st[key] is None:
-            st[key] = value if own else value.clone()
-        else:
-            st[key].add_(value)
-        st[key.replace("_sum", "_count")] += 1
-
     def attention(self, ctx: ForwardContext, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-        st = ctx.store
+        st: RFState = ctx.store["rfclip"]
         rec = ctx.record is not None
         kk = None
-        if st["rf_need_kk_sum"]:
+        if st.need_kk:
             kk = softmax_attention(k, k, ctx.scale)  # (B, H, T, T) fp32
-            self._accumulate(st, "rf_kk_sum", kk, own=True)
-        active = (st["rf_dis_any"] and layer in st["rf_layers"]
+            st.kk.add(kk, own=True)
+        active = (st.dis_any and layer in st.layers
                   and (self.attn_redistribution or self.suppress_mode == "mask"))
-        if not active and not st["rf_need_qk_sum"] and not rec:
+        if not active and not st.need_qk and not rec:
             return None
         bias = None
         if active and self.suppress_mode == "mask":
-            bias = torch.zeros(st["rf_dis"].shape[0], 1, 1, q.shape[2], device=q.device)
-            bias[:, 0, 0, 1:].masked_fill_(st["rf_dis"], float("-inf"))
+            bias = torch.zeros(st.dis.shape[0], 1, 1, q.shape[2], device=q.device)
+            bias[:, 0, 0, 1:].masked_fill_(st.dis, float("-inf"))
         A = softmax_attention(q, k, ctx.scale, bias=bias)  # (B, H, T, T) fp32
-        if st["rf_need_qk_sum"]:
-            self._accumulate(st, "rf_qk_sum", A)
+        if st.need_qk:
+            st.qk.add(A)
         if rec:
             ctx.log(f"rf.L{layer}.attn", A.mean(1))
         if not active:
@@ -546,29 +344,29 @@ class RFCLIP(Method):
         """The cut's affinity source ``(S, n)``: the graph is ``S / n`` (S: (B, H, T, T) before the head reduction),
         or None when there is no graph yet. The running sums already include this layer; ``preceding_only`` takes
         it back out."""
-        st = ctx.store
+        st: RFState = ctx.store["rfclip"]
         sim = self.defocus_sim
         if sim == "kk_avg":
             if self.defocus_sim_layers == "preceding_only":
-                if st["rf_kk_count"] <= 1:
+                if st.kk.count <= 1:
                     return None
-                return st["rf_kk_sum"] - kk, st["rf_kk_count"] - 1
-            return st["rf_kk_sum"], st["rf_kk_count"]
+                return st.kk.total - kk, st.kk.count - 1
+            return st.kk.total, st.kk.count
         if sim == "kk_cur":
             return (kk if kk is not None else softmax_attention(k, k, ctx.scale)), 1
         if sim == "qk_cur":
             return A, 1
         # qk_avg
         if self.defocus_sim_layers == "preceding_only":
-            if st["rf_qk_count"] <= 1:
+            if st.qk.count <= 1:
                 return None
-            return st["rf_qk_sum"] - A, st["rf_qk_count"] - 1
-        return st["rf_qk_sum"], st["rf_qk_count"]
+            return st.qk.total - A, st.qk.count - 1
+        return st.qk.total, st.qk.count
 
     def _targets(self, ctx: ForwardContext, layer: int, A: Tensor, q: Tensor, k: Tensor,
                  kk: Tensor | None) -> Tensor | None:
         """``T_def`` (B, N) or (B, H, N) bool for this layer's distraction set; None for the [CLS] target."""
-        dis = ctx.store["rf_dis"]
+        dis = ctx.store["rfclip"].dis
         if self.redistribute_to == "cls":
             return None
         if self.redistribute_to == "non_distraction":
@@ -595,25 +393,25 @@ class RFCLIP(Method):
 
     def _redistribute(self, ctx: ForwardContext, layer: int, A: Tensor, q: Tensor, k: Tensor,
                       kk: Tensor | None) -> Tensor:
-        dis = ctx.store["rf_dis"]
+        dis = ctx.store["rfclip"].dis
         target = self._targets(ctx, layer, A, q, k, kk)
         with no_autocast(A.device):
             return redistribute_attention(A, dis, target, float(self.alpha), to_cls=target is None,
                                           cls_row=bool(self.redistribute_cls_row))
 
     def final_attention(self, ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor) -> FinalAttention:
-        st = ctx.store
+        st: RFState = ctx.store["rfclip"]
         L = ctx.num_layers
         last = L - 1
         rec = ctx.record is not None
         proxy = self.proxy_attn
         kk = None
-        if proxy in ("kk_layer_avg", "kk_last", "qq_plus_kk_last") or st["rf_need_kk_sum"]:
+        if proxy in ("kk_layer_avg", "kk_last", "qq_plus_kk_last") or st.need_kk:
             kk = softmax_attention(k, k, ctx.scale)
         if proxy == "kk_layer_avg":  # eq. 14: (1/L) sum_m KK^m, per head (same arithmetic as `kk`, layer_average)
-            total = st["rf_kk_sum"]
+            total = st.kk.total
             if self.proxy_layers == "intermediate" and total is not None:
-                W = total / st["rf_kk_count"]
+                W = total / st.kk.count
             else:
                 W = kk if total is None else (total + kk) / L
         elif proxy == "kk_last":
@@ -624,11 +422,11 @@ class RFCLIP(Method):
             W = softmax_attention(q, q, ctx.scale) + kk
         else:
             W = softmax_attention(q, k, ctx.scale)
-        if self.redistribute_proxy and st["rf_dis_any"] and last in st["rf_layers"]:
-            if st["rf_need_kk_sum"]:
-                self._accumulate(st, "rf_kk_sum", kk)
-            if st["rf_need_qk_sum"]:
-                self._accumulate(st, "rf_qk_sum", softmax_attention(q, k, ctx.scale))
+        if self.redistribute_proxy and st.dis_any and last in st.layers:
+            if st.need_kk:
+                st.kk.add(kk)
+            if st.need_qk:
+                st.qk.add(softmax_attention(q, k, ctx.scale))
             W = W.clone()  # W may be the key-key map just added to the running sum
             if rec:
                 ctx.log(f"rf.L{last}.attn", W.mean(1))

@@ -50,9 +50,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+import rfclip.models.hf as _hf
+import rfclip.models.hub as _hub
+from rfclip.devices import parse_device
 from rfclip.errors import RfclipError
-from rfclip.models import hf as _hf
-from rfclip.models import hub as _hub
 from rfclip.models.hub import _one_line
 from rfclip.models.torchscript import TorchScriptFormatError, read_torchscript_state_dict
 
@@ -105,13 +106,6 @@ def _stamp(paths: list[Path]) -> str:
         st = p.stat()
         parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
     return "|".join(parts)
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise RfclipError(f"unknown device {device!r} ({_one_line(e)}); use 'cpu', 'cuda' or 'cuda:N'") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -674,7 +668,7 @@ def load_clip(model: str = "ViT-B-16", pretrained: str | None = "openai",
         WeightsNotFoundError: the tag's weights are not cached and cannot be downloaded (fast offline).
         RfclipError: any other problem with the inputs, in one line.
     """
-    dev = _device(device)
+    dev = parse_device(device) or torch.device("cpu")
     name = str(model).replace("/", "-")
     if checkpoint is not None:
         loaded = _load_path(Path(os.fspath(checkpoint)).expanduser(), name, quick_gelu)
@@ -697,7 +691,7 @@ def random_clip(model_cfg: str | dict, quick_gelu: bool = True, seed: int = 0,
     (``{"embed_dim": ..., "vision_cfg": {...}, "text_cfg": {...}}``). ``quick_gelu`` decides the
     activation (a ``quick_gelu`` entry in the config is ignored). The global RNG is left untouched.
     """
-    dev = _device(device)
+    dev = parse_device(device) or torch.device("cpu")
     if isinstance(model_cfg, str):
         name = model_cfg.replace("/", "-")
         cfg = _named_cfg(name)
