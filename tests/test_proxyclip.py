@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ from rfclip.errors import RfclipError, WeightsNotFoundError
 from rfclip.methods import build_method
 from rfclip.methods.proxyclip import ProxyCLIP, proxy_attention, upsample_values
 from rfclip.models import vfm as vfm_mod
+from rfclip.models.pos_embed import POSITION_RULES, resample_patch_pos_embed
 from rfclip.models.vfm import VisionFoundationModel, load_vfm, resolve_vfm_name
 from rfclip.segmenter import Segmenter
 
@@ -134,6 +136,96 @@ def test_aliases():
     assert ProxyCLIP(vfm="mae").vfm_kind == "mae" and ProxyCLIP().vfm_kind == "dino"
 
 
+# ------------------------------------------------------------------------------------------------ positions
+def vfm_input(x):
+    """CLIP-normalised crops -> ImageNet-normalised (ProxyCLIP's UnNormalize + Normalize)."""
+    raw = x * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    return (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def official_patch_positions(kind, patch_pos, native, grid):
+    """The patch positions (1, native**2, C) at ``grid`` as each official model computes them, written out from
+    their code: DINO ``interpolate_pos_encoding`` (also DINOv2 without registers: interpolate_offset 0.1); DINOv2 hub
+    ``*_reg`` models (interpolate_offset 0, interpolate_antialias True, in fp32); MAE ``interpolate_pos_embed``."""
+    dim = patch_pos.shape[-1]
+    img = patch_pos.float().reshape(1, native, native, dim).permute(0, 3, 1, 2)
+    if kind in ("dino", "dinov2_noreg"):
+        h0, w0 = grid[0] + 0.1, grid[1] + 0.1
+        out = F.interpolate(img, scale_factor=(h0 / math.sqrt(native ** 2), w0 / math.sqrt(native ** 2)), mode="bicubic")
+    elif kind == "dinov2_reg":
+        out = F.interpolate(img, size=grid, mode="bicubic", antialias=True)
+    else:  # mae
+        out = F.interpolate(img, size=grid, mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(1, -1, dim)
+
+
+def official_forward(net, kind, x):
+    """timm blocks with the official model's positions added to [CLS, (registers,) patches]; patch tokens out."""
+    tokens = net.patch_embed(x).flatten(1, 2)  # (B, h*w, C)
+    grid = (x.shape[-2] // net.patch_embed.patch_size[0], x.shape[-1] // net.patch_embed.patch_size[1])
+    native = net.patch_embed.grid_size[0]
+    B = x.shape[0]
+    if net.no_embed_class:  # timm's DINOv2-with-registers: CLS position folded into cls_token
+        pos = official_patch_positions(kind, net.pos_embed, native, grid)
+        t = torch.cat([net.cls_token.expand(B, -1, -1), net.reg_token.expand(B, -1, -1), tokens + pos], 1)
+    else:
+        pos = official_patch_positions(kind, net.pos_embed[:, 1:], native, grid)
+        t = torch.cat([net.cls_token.expand(B, -1, -1), tokens], 1) + torch.cat([net.pos_embed[:, :1], pos], 1)
+    for blk in net.blocks:
+        t = blk(t)
+    return net.norm(t)[:, net.num_prefix_tokens:]
+
+
+# kind: (timm name whose architecture flags the tiny model copies, patch, native image size, extra ViT args)
+VFM_KINDS = {
+    "dino": ("vit_base_patch8_224.dino", 8, 224, {}),
+    "dinov2_reg": ("vit_base_patch14_reg4_dinov2.lvd142m", 14, 518, dict(reg_tokens=4, no_embed_class=True)),
+    "dinov2_noreg": ("vit_base_patch14_dinov2.lvd142m", 14, 518, {}),
+    "mae": ("vit_base_patch16_224.mae", 16, 224, {}),
+}
+
+
+@pytest.mark.parametrize("kind", list(VFM_KINDS))
+def test_positions_at_336_match_the_official_formula(kind):
+    name, patch, native, extra = VFM_KINDS[kind]
+    torch.manual_seed(0)
+    net = VisionTransformer(img_size=native, patch_size=patch, embed_dim=32, depth=1, num_heads=2, num_classes=0,
+                            dynamic_img_size=True, **extra).eval()
+    with torch.no_grad():
+        net.pos_embed.normal_(0, 1.0)  # positions that matter (timm's init is 0.02)
+    vfm = VisionFoundationModel(net, name=name)
+    grid = (336 // patch, 336 // patch)
+    n_pos_prefix = 0 if net.no_embed_class else 1
+    got = resample_patch_pos_embed(net.pos_embed[:, n_pos_prefix:], grid, net.patch_embed.grid_size, vfm.positions)
+    want = official_patch_positions(kind, net.pos_embed[:, n_pos_prefix:], native // patch, grid)
+    assert got.shape == (1, grid[0] * grid[1], 32)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # ... and the features use them
+    x = torch.randn(2, 3, 336, 336)
+    feats, g = vfm.features(x)
+    with torch.no_grad():
+        want_feats = official_forward(net, kind, vfm_input(x))
+        timm_feats = net.forward_features(vfm_input(x))[:, net.num_prefix_tokens:]
+    assert g == grid
+    torch.testing.assert_close(feats, want_feats, atol=1e-5, rtol=1e-5)
+    if kind != "dinov2_reg":  # timm's own resampling (antialiased resize) is DINOv2-with-registers' rule only
+        assert (timm_feats - want_feats).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(timm_feats, want_feats, atol=1e-5, rtol=1e-5)
+
+
+def test_positions_unchanged_on_the_native_grid():
+    posemb = torch.randn(1, 28 * 28, 8)
+    for rule in POSITION_RULES.values():
+        assert resample_patch_pos_embed(posemb, (28, 28), (28, 28), rule) is posemb
+    rect = resample_patch_pos_embed(posemb.double(), (42, 30), (28, 28))
+    assert rect.shape == (1, 42 * 30, 8) and rect.dtype == torch.float64  # input dtype back
+    with pytest.raises(ValueError, match="patch positions"):
+        resample_patch_pos_embed(posemb, (4, 4), (27, 27))
+    with pytest.raises(RfclipError, match="unknown positions rule"):
+        VisionFoundationModel(tiny_vit(), positions="nearest")
+
+
 # ------------------------------------------------------------------------------------------------ loading
 def test_offline_error_is_fast_and_one_line(no_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -183,10 +275,8 @@ def test_load_from_local_safetensors(tmp_path, small_vit_state):
     x = torch.randn(1, 3, 64, 48)
     feats, grid = vfm.features(x)
     assert grid == (8, 6)
-    with torch.no_grad():
-        raw = x * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        want = model.forward_features((raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-                                      / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))[:, 1:]
+    with torch.no_grad():  # DINO's own positions at the 8 x 6 grid
+        want = official_forward(model, "dino", vfm_input(x))
     torch.testing.assert_close(feats, want, atol=1e-5, rtol=1e-4)
 
 
