@@ -329,3 +329,83 @@ def test_proxyclip_and_fsa_b16_geometry_end_to_end():
         outs[spec] = probs
     assert seg.method.lam == 3.0
     assert not torch.equal(outs["proxyclip"], outs["proxyclip+fsa"])
+
+
+# ------------------------------------------------------------------------------------------------ SAM
+def tiny_sam(seed=0):
+    """A random SAM image encoder (timm's VisionTransformerSAM: windowed + global attention, relative positions,
+    conv neck), small: 128 px input, 8 x 8 grid, 16 neck channels."""
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    torch.manual_seed(seed)
+    net = VisionTransformerSAM(img_size=128, patch_size=16, embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,),
+                               window_size=4, use_rel_pos=True, neck_chans=16, num_classes=0).eval()
+    with torch.no_grad():  # SAM's init leaves these at zero
+        net.pos_embed.normal_(0, 0.5)
+        for blk in net.blocks:
+            blk.attn.rel_pos_h.normal_(0, 0.5)
+            blk.attn.rel_pos_w.normal_(0, 0.5)
+    return net
+
+
+def save_official_sam(net, path):
+    """``net``'s weights in the layout of SAM's released sam_vit_*.pth: a plain state dict with the image encoder
+    under ``image_encoder.`` (MLP layers named lin1/lin2), next to the prompt encoder and mask decoder."""
+    state = {f"image_encoder.{k.replace('mlp.fc', 'mlp.lin')}": v.clone() for k, v in net.state_dict().items()}
+    state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = torch.randn(2, 128)
+    state["mask_decoder.iou_token.weight"] = torch.randn(1, 256)
+    torch.save(state, path)
+    return path
+
+
+def test_sam_official_layout_loads_and_runs_proxyclip_and_fsa(tmp_path, tiny_clip, random_image, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = tiny_sam(seed=1)
+    path = save_official_sam(source, tmp_path / "sam_vit_tiny.pth")
+    vfm = load_vfm(tiny_sam(seed=2), checkpoint=path)  # other random weights, replaced by the file's
+    assert type(vfm).__name__ == "SamImageEncoder" and vfm.kind == "sam"
+    for (k, v), w in zip(source.state_dict().items(), vfm.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    # Features: the ImageNet-normalised crop resized to the encoder's input (128 here, 1024 for SAM), neck output
+    crop = torch.randn(2, 3, 80, 96)
+    feats, grid = vfm.features(crop)
+    with torch.no_grad():
+        x = F.interpolate(vfm_input(crop), size=(128, 128), mode="bilinear", align_corners=False)
+        want = source.forward_features(x).flatten(2).transpose(1, 2)
+    assert grid == (8, 8) and feats.shape == (2, 64, 16)
+    torch.testing.assert_close(feats, want, atol=1e-5, rtol=1e-5)
+    # End to end: proxyclip and proxyclip+fsa on the 8 x 8 SAM grid, FSA's lambda for SAM
+    outs = {}
+    for spec in ("proxyclip", "proxyclip+fsa"):
+        seg = Segmenter(tiny_clip, method=spec, vfm=vfm, short_side=None, slide_crop=96, slide_stride=64, **FAST)
+        out = seg.segment(random_image, "cat;dog;grass;sky")
+        assert out.mask.shape == random_image.shape[:2] and np.isfinite(out.probs).all()
+        outs[spec] = out.probs
+    assert seg.method.vfm_kind == "sam" and seg.method.lam == 3.0
+    assert not np.array_equal(outs["proxyclip"], outs["proxyclip+fsa"])
+
+
+def test_sam_b_loads_by_name_from_the_official_file(tmp_path, no_cache, monkeypatch):
+    """Real SAM ViT-B geometry (89M random weights) from a file in the official layout, offline. Its forward at
+    1024 x 1024 takes ~25 s on a CPU, so only the loading and the grid are checked here."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    net = timm.create_model("samvit_base_patch16", pretrained=False, num_classes=0)
+    path = save_official_sam(net, tmp_path / "sam_vit_b_01ec64.pth")
+    vfm = load_vfm("sam", checkpoint=path)
+    assert vfm.name == "samvit_base_patch16.sa1b" and vfm.kind == "sam" and vfm.source == str(path)
+    assert vfm.input_size == (1024, 1024) and vfm.grid(336, 336) == (64, 64) and vfm.grid(224, 500) == (64, 64)
+    assert torch.equal(vfm.model.blocks[3].mlp.fc2.weight, net.blocks[3].mlp.fc2.weight)
+    assert torch.equal(vfm.model.neck[2].weight, net.neck[2].weight)
+
+
+def test_sam_aliases_and_lambda():
+    from rfclip.methods.fsa import default_lambda
+
+    assert resolve_vfm_name("sam") == resolve_vfm_name("sam_b") == "samvit_base_patch16.sa1b"
+    assert resolve_vfm_name("sam_l") == "samvit_large_patch16.sa1b"
+    assert resolve_vfm_name("SAM_H") == "samvit_huge_patch16.sa1b"
+    for name in ("sam", "sam_l", "sam_h"):
+        base = ProxyCLIP(vfm=name)
+        assert base.vfm_kind == "sam"
+        assert default_lambda(base) == 3.0 and default_lambda(base, width=1280) == 2.3  # FSA hyper_param.txt

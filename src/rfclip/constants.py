@@ -59,7 +59,11 @@ PAPER_RFCLIP_MIOU = {
 FSA_PATCH_LOGIT_SCALE = 20.0  # compute_logits(..., logits_scale=20) for the first pass
 FSA_UNIFORM_LOGIT_SCALE = 35.0  # scale of the uniform-attention baseline logits
 FSA_PRUNE_MASS = 0.45  # nucleus mass kept per row in confidence-based pruning
-FSA_LAMBDA = {"default": 3.0, "vit_h": 2.3, "mae": 4.5}  # hyper_param.txt: B/L with DINO/SAM/DINOv2, H/14, MAE
+# lambda (sharpening), FSA's hyper_param.txt: "For sam, dino, dinov2 as VFMs: ViT-B16 and ViT-L14: lamda = 3.0,
+# ViT-H14: lamda = 2.3. For MAE as VFMs: lamda = 4.5 for all models" (ViT-* is the CLIP backbone; SAM B/L/H alike).
+# Bases without a VFM take the SAM/DINO/DINOv2 values (FSA publishes none for them).
+FSA_LAMBDA = {"default": 3.0, "vit_h": 2.3, "mae": 4.5}
+FSA_LAMBDA_VFMS = ("sam", "dino", "dinov2")  # the VFM kinds whose lambda is "default" / "vit_h"
 
 # --- ProxyCLIP (ECCV 2024; segmentor defaults) ------------------------------------------------------
 PROXY_BETA = 1.2  # shift of the mean similarity

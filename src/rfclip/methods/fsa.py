@@ -174,7 +174,8 @@ def is_vit_h(clip=None, width: int | None = None) -> bool:
 
 
 def default_lambda(base: Method, clip=None, width: int | None = None) -> float:
-    """λ from FSA's ``hyper_param.txt``: 4.5 with an MAE VFM, else 2.3 for ViT-H/14, else 3.0."""
+    """λ from FSA's ``hyper_param.txt``: 4.5 with an MAE VFM; else (SAM, DINO, DINOv2 or no VFM) 2.3 for a CLIP
+    ViT-H/14 and 3.0 for ViT-B/16 and ViT-L/14 (constants.FSA_LAMBDA)."""
     if getattr(base, "vfm_kind", None) == "mae":
         return FSA_LAMBDA["mae"]
     if is_vit_h(clip, width):
@@ -187,7 +188,7 @@ def default_lambda(base: Method, clip=None, width: int | None = None) -> float:
 @dataclasses.dataclass
 class FSA(Method):
     """FSA on top of ``base``. ``fsa=False`` switches it off (exactly the base); ``fsa_lambda`` is the sharpening λ
-    (None: 3.0, 2.3 for ViT-H/14, 4.5 with ProxyCLIP's MAE VFM)."""
+    (None: 3.0, 2.3 for ViT-H/14, 4.5 with ProxyCLIP's MAE VFM; SAM, DINO and DINOv2 take 3.0 / 2.3)."""
 
     base: Method
     fsa: bool = True
