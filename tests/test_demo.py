@@ -66,14 +66,15 @@ def test_segment_writes_the_files_rfclip_segment_writes(engine, images):
     assert res.fractions == pytest.approx(list(record["fractions"].values()))
     assert sum(res.fractions) == pytest.approx(1.0) and res.colours.shape == (3, 3)
     with Image.open(res.overlay) as im:
-        assert im.height == 150 and im.width > 200  # the legend panel
+        assert im.height == 150 and im.width > 200  # the file has its legend panel
+    assert res.picture.size == (200, 150)  # the page shows the legend beside the picture
     # Reading a pixel: its class and the probability of that class.
     name = res.classes[int(mask[10, 20])]
     text = res.reader.read(20, 10)
     assert f"**{name}**" in text and "probability" in text
     p = float(text.rsplit(" ", 1)[1])
     assert 1 / 3 - 0.01 <= p <= 1.0
-    assert "legend" in res.reader.read(250, 10)
+    assert "outside the 200 x 150 image" in res.reader.read(250, 10)
 
 
 def test_method_switch_reuses_the_loaded_model(engine):
@@ -95,7 +96,10 @@ def test_method_switch_reuses_the_loaded_model(engine):
 def test_compare_marks_disagreement(engine, images):
     res = engine.compare(str(images / "photo.png"), "red;green;blue", "clip", "naclip", settings())
     assert res.methods == ("clip", "naclip") and 0.0 <= res.agreement <= 1.0
-    assert all(im.height == 150 and im.width > 200 for im in (*res.overlays, res.disagreement))  # with legends
+    assert all(im.size == (200, 150) for im in (*res.overlays, res.disagreement))
+    marked = np.asarray(res.disagreement).reshape(-1, 3)
+    magenta = (marked[:, 0] > 150) & (marked[:, 1] < 130) & (marked[:, 2] > 150)
+    assert magenta.mean() <= 1.0 - res.agreement + 0.05
     assert all(sum(f) == pytest.approx(1.0) for f in res.fractions)
     same = engine.compare(str(images / "photo.png"), "red;green;blue", "naclip", "naclip", settings())
     assert same.agreement == 1.0

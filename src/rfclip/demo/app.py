@@ -8,6 +8,7 @@ problem with the input is shown in the page, in the CLI's words; the server keep
 """
 
 import html
+import itertools
 import os
 import sys
 import traceback
@@ -59,9 +60,14 @@ CSS = """
 .rf-track {background: var(--background-fill-secondary); border-radius: 4px; height: 14px; overflow: hidden}
 .rf-fill {display: block; height: 100%; border-radius: 4px}
 .rf-pct {text-align: right; font-variant-numeric: tabular-nums}
+.rf-legend-title {font-weight: 600; margin-bottom: 2px}
 .rf-absent {color: var(--body-text-color-subdued); font-size: 0.9em; margin-top: 4px}
-.rf-table {border-collapse: collapse; font-size: 0.9em; width: 100%}
-.rf-table th, .rf-table td {padding: 3px 8px; border-bottom: 1px solid var(--border-color-primary); text-align: right}
+.rf-table {border-collapse: collapse; font-size: 0.86em; width: 100%; height: auto; border: none !important}
+.rf-table th, .rf-table td {border-left: none !important; border-right: none !important}
+.rf-table td {white-space: nowrap}
+.rf-table th, .rf-table td {padding: 2px 8px; border: none; border-bottom: 1px solid var(--border-color-primary);
+                            text-align: right; vertical-align: bottom; line-height: 1.35}
+.rf-table th {font-weight: 600}
 .rf-table th:first-child, .rf-table td:first-child {text-align: left}
 .rf-figure-title {margin-top: 14px}
 .rf-figure-title p {font-size: 0.92em}
@@ -71,12 +77,16 @@ CSS = """
 
 
 # ---------------------------------------------------------------------------------------------- HTML pieces
+_requests = itertools.count(1)  # numbers each answer (data-request), so a page can tell a new answer from the last
+
+
 def error_html(message: str) -> str:
-    return f'<div class="rf-error"><b>Error:</b> {html.escape(" ".join(str(message).split()))}</div>'
+    return (f'<div class="rf-error" data-request="{next(_requests)}"><b>Error:</b> '
+            f'{html.escape(" ".join(str(message).split()))}</div>')
 
 
 def ok_html(text: str) -> str:
-    return f'<div class="rf-ok">{html.escape(text)}</div>'
+    return f'<div class="rf-ok" data-request="{next(_requests)}">{html.escape(text)}</div>'
 
 
 def _rgb(colour) -> str:
@@ -84,9 +94,10 @@ def _rgb(colour) -> str:
 
 
 def fraction_bars(classes: list[str], fractions: list[float], colours: np.ndarray) -> str:
-    """Per-class pixel fractions as a bar chart in the overlay's colours (present classes, largest first)."""
+    """The legend: per-class pixel fractions as a bar chart in the overlay's colours (present classes, largest
+    first)."""
     order = sorted(range(len(classes)), key=lambda i: -fractions[i])
-    rows = []
+    rows = ['<div class="rf-legend-title">Legend: share of the pixels per class</div>']
     for i in order:
         if fractions[i] <= 0:
             continue
@@ -108,7 +119,7 @@ def compare_table(result) -> str:
     a, b = result.methods
     fa, fb = result.fractions
     order = sorted(range(len(result.classes)), key=lambda i: -(fa[i] + fb[i]))
-    rows = [f"<tr><th>class</th><th>{html.escape(a)}</th><th>{html.escape(b)}</th></tr>"]
+    rows = [f"<tr><th>class (pixels)</th><th>A: {html.escape(a)}</th><th>B: {html.escape(b)}</th></tr>"]
     for i in order:
         if fa[i] <= 0 and fb[i] <= 0:
             continue
@@ -120,16 +131,18 @@ def compare_table(result) -> str:
 
 
 def layer_table(summary: dict) -> str:
-    rows = ["<tr><th>layer</th><th>distraction</th><th>defocused</th>"
-            "<th>point's attention on distraction: before → after</th><th>max φ/τ</th></tr>"]
+    rows = ["<tr><th>layer</th><th>distraction</th><th>defocused</th><th>on distraction</th><th>max φ/τ</th></tr>"]
     for info in summary.get("layers", []):
         moved = info.get("query_attention_on_distraction")
-        moved_s = f"{moved[0]:.3f} → {moved[1]:.3f}" if moved else "–"
+        moved_s = f"{moved[0]:.3f}→{moved[1]:.3f}" if moved else "–"
         phi = info.get("max_phi_over_tau")
         rows.append(f"<tr><td>L{info['layer']}</td><td>{info.get('distraction', 0)}</td>"
                     f"<td>{info.get('defocused', 0)}</td><td>{moved_s}</td>"
                     f"<td>{'–' if phi is None else f'{phi:.2f}'}</td></tr>")
-    return '<table class="rf-table" id="inside-layers">' + "".join(rows) + "</table>"
+    note = ('<div class="rf-absent">distraction, defocused: tokens per layer; on distraction: the clicked point\'s '
+            'attention on the distraction tokens, before → after redistribution; max φ/τ: the largest distraction '
+            'score (above 1: distraction candidates)</div>')
+    return '<table class="rf-table" id="inside-layers">' + "".join(rows) + "</table>" + note
 
 
 def _unexpected(err: Exception) -> str:
@@ -180,7 +193,7 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
 
     with gr.Blocks(title="rfclip demo", analytics_enabled=False, delete_cache=(1800, 3600)) as app:
         device = f" on {engine.info.device}" if engine.info.device else ""
-        gr.Markdown(f"# rfclip: segment anything you can name\n"
+        gr.Markdown(f"# rfclip · segment what you name\n"
                     f"Training-free open-vocabulary segmentation with CLIP (RF-CLIP, FSA and the methods they are "
                     f"compared with). Model: **{engine.info.label()}**{device} · rfclip {__version__}",
                     elem_classes=["rf-header"])
@@ -207,7 +220,7 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                 example = example_image()
                 if example:
                     gr.Examples([[example, "road; car; tree; sky; building"]], inputs=[image_file, classes],
-                                label="Example")
+                                label="Example", example_labels=["street drawing: road; car; tree; sky; building"])
                 with gr.Accordion("Settings", open=False, elem_id="settings"):
                     pamr = gr.Checkbox(value=bool(initial("pamr", False)), label="PAMR (refine the masks)")
                     prob_thd = gr.Slider(0.0, 1.0, value=float(initial("prob_thd", 0.0)), step=0.01,
@@ -235,12 +248,13 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                                                    elem_classes=["rf-run"])
                         seg_status = gr.HTML(elem_id="segment-status")
                         with gr.Row(equal_height=False):
-                            seg_overlay = gr.Image(label="Segmentation (click a pixel to read it)", type="filepath",
-                                                   interactive=False, elem_id="segment-overlay", scale=3, format="png",
-                                                   buttons=["download", "fullscreen"])
-                            with gr.Column(scale=2, min_width=240):
-                                seg_bars = gr.HTML(label="Pixels per class", elem_id="segment-fractions")
-                                seg_readout = gr.Markdown(elem_id="segment-readout")
+                            with gr.Column(scale=3):
+                                seg_overlay = gr.Image(show_label=False, interactive=False, elem_id="segment-overlay",
+                                                       format="png", buttons=["fullscreen"])
+                                seg_readout = gr.Markdown("Click a pixel of the result to read its class.",
+                                                          elem_id="segment-readout")
+                            with gr.Column(scale=2, min_width=260):
+                                seg_bars = gr.HTML(elem_id="segment-fractions")
                                 seg_files = gr.File(label="Downloads: mask PNG (class indices), JSON, overlay",
                                                     file_count="multiple", interactive=False,
                                                     elem_id="segment-files")
@@ -256,14 +270,16 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                         cmp_status = gr.HTML(elem_id="compare-status")
                         with gr.Row(equal_height=False):
                             cmp_img_a = gr.Image(label="A", interactive=False, elem_id="compare-image-a", format="png",
-                                                 buttons=["download", "fullscreen"])
+                                                 buttons=["fullscreen"])
                             cmp_img_b = gr.Image(label="B", interactive=False, elem_id="compare-image-b", format="png",
-                                                 buttons=["download", "fullscreen"])
+                                                 buttons=["fullscreen"])
                         with gr.Row(equal_height=False):
-                            cmp_diff = gr.Image(label="Where A and B disagree (magenta)", interactive=False,
-                                                elem_id="compare-disagreement", format="png", scale=3,
-                                                buttons=["download", "fullscreen"])
-                            cmp_table = gr.HTML(elem_id="compare-table")
+                            with gr.Column(scale=1):
+                                cmp_diff = gr.Image(label="Where A and B disagree (magenta)", interactive=False,
+                                                    elem_id="compare-disagreement", format="png",
+                                                    buttons=["fullscreen"])
+                            with gr.Column(scale=1):
+                                cmp_table = gr.HTML(elem_id="compare-table")
                     with gr.Tab("Look inside", id="inside", elem_id="tab-inside"):
                         gr.Markdown("**Click a point of the image** to see where it attends in every layer, before "
                                     "and after RF-CLIP redistributes the attention its distraction tokens take, "
@@ -274,13 +290,15 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                                                     elem_id="inside-method")
                             in_layers = gr.Textbox(value="all", label="Layers", scale=2, elem_id="inside-layers-text",
                                                    info='0-based, e.g. "0-5,11"')
-                            in_button = gr.Button("Explain the centre", scale=1, elem_id="inside-run",
+                            in_button = gr.Button("Explain the centre", scale=2, elem_id="inside-run",
                                                   elem_classes=["rf-run"])
                         in_status = gr.HTML(elem_id="inside-status")
                         with gr.Row(equal_height=False):
-                            in_click = gr.Image(label="Click a point", interactive=False, elem_id="inside-image",
-                                                format="png", scale=3, buttons=["fullscreen"])
-                            in_table = gr.HTML(elem_id="inside-table", scale=2)
+                            with gr.Column(scale=1):
+                                in_click = gr.Image(label="Click a point", interactive=False, elem_id="inside-image",
+                                                    format="png", buttons=["fullscreen"])
+                            with gr.Column(scale=1, min_width=360):
+                                in_table = gr.HTML(elem_id="inside-table")
                         in_figures = []
                         for key, title, caption in EXPLAIN_FIGURES:
                             gr.Markdown(f"**{title}.** {caption}", elem_classes=["rf-figure-title"])
@@ -327,8 +345,8 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                 return _failure(err), None, "", "", None, None
             present = sum(f > 0 for f in res.fractions)
             status = ok_html(f"{res.method}: {present} of {len(res.classes)} classes found in {res.seconds:.1f} s")
-            return (status, str(res.overlay), fraction_bars(res.classes, res.fractions, res.colours),
-                    "Click a pixel of the segmentation to read its class.", [str(p) for p in res.files], res.reader)
+            return (status, res.picture, fraction_bars(res.classes, res.fractions, res.colours),
+                    "Click a pixel of the result to read its class.", [str(p) for p in res.files], res.reader)
 
         def on_read(reader, evt: gr.SelectData):
             if reader is None or evt.index is None:
@@ -379,25 +397,24 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
             return on_inside(path, method_v, layers_v, None, knob_values, progress)
 
         # ------------------------------------------------------------------ wiring
+        # The model's requests share one queue worker; the page's helpers run at once and are not API endpoints.
         model = dict(concurrency_id="model", concurrency_limit=1)
-        image_file.change(on_upload, [image_file], [preview, in_click, image_size, image_status], queue=False,
-                          show_progress="hidden")
-        vocabulary.change(on_vocabulary, [vocabulary, classes], [classes], queue=False, show_progress="hidden")
-        seg_method.change(lambda m: gr.update(info=method_description(m)), [seg_method], [seg_method], queue=False,
-                          show_progress="hidden")
+        helper = dict(queue=False, show_progress="hidden", api_visibility="private")
+        image_file.change(on_upload, [image_file], [preview, in_click, image_size, image_status], **helper)
+        vocabulary.change(on_vocabulary, [vocabulary, classes], [classes], **helper)
+        classes.input(lambda: OWN_VOCABULARY, None, [vocabulary], **helper)  # typed: no longer a ready vocabulary
+        seg_method.change(lambda m: gr.update(info=method_description(m)), [seg_method], [seg_method], **helper)
         seg_outputs = [seg_status, seg_overlay, seg_bars, seg_readout, seg_files, seg_reader]
-        seg_button.click(on_segment, [image_file, classes, seg_method, *knobs], seg_outputs,
+        seg_button.click(on_segment, [image_file, classes, seg_method, *knobs], seg_outputs, api_name="segment",
                          show_progress_on=[seg_overlay], **model)
-        classes.submit(on_segment, [image_file, classes, seg_method, *knobs], seg_outputs,
-                       show_progress_on=[seg_overlay], **model)
-        seg_overlay.select(on_read, [seg_reader], [seg_readout], queue=False, show_progress="hidden")
+        seg_overlay.select(on_read, [seg_reader], [seg_readout], **helper)
         cmp_button.click(on_compare, [image_file, classes, cmp_a, cmp_b, *knobs],
-                         [cmp_status, cmp_img_a, cmp_img_b, cmp_diff, cmp_table],
+                         [cmp_status, cmp_img_a, cmp_img_b, cmp_diff, cmp_table], api_name="compare",
                          show_progress_on=[cmp_img_a, cmp_img_b], **model)
         in_outputs = [in_status, in_click, in_table, *in_figures]
         in_click.select(on_click, [image_file, image_size, in_method, in_layers, *knobs], in_outputs,
-                        show_progress_on=[in_click], **model)
-        in_button.click(on_centre, [image_file, in_method, in_layers, *knobs], in_outputs,
+                        show_progress_on=[in_click], api_visibility="private", **model)
+        in_button.click(on_centre, [image_file, in_method, in_layers, *knobs], in_outputs, api_name="look_inside",
                         show_progress_on=[in_click], **model)
     return app
 

@@ -177,7 +177,7 @@ class PixelReader:
     def read(self, x: int, y: int) -> str:
         h, w = self.mask.shape
         if not (0 <= x < w and 0 <= y < h):
-            return "That is the legend; click on the picture."
+            return f"Pixel ({x}, {y}) is outside the {w} x {h} image."
         name = self.classes[int(self.mask[y, x])]
         if self.best is None:
             return f"Pixel ({x}, {y}): **{name}**"
@@ -186,7 +186,8 @@ class PixelReader:
 
 @dataclass
 class SegmentResult:
-    overlay: Path  # the overlay PNG (image + class colours + legend), as `rfclip segment` writes it
+    picture: Image.Image  # the image with the class colours (no legend: the page draws it, with the fractions)
+    overlay: Path  # the overlay PNG with its legend, as `rfclip segment` writes it
     files: list[Path]  # mask PNG, JSON, overlay
     classes: list[str]
     fractions: list[float]
@@ -198,8 +199,8 @@ class SegmentResult:
 
 @dataclass
 class CompareResult:
-    overlays: tuple[Image.Image, Image.Image]
-    disagreement: Image.Image  # the image with the pixels where the two masks differ marked
+    overlays: tuple[Image.Image, Image.Image]  # the image with each method's class colours (same colours)
+    disagreement: Image.Image  # the image with the pixels where the two masks differ in magenta
     methods: tuple[str, str]
     classes: list[str]
     fractions: tuple[list[float], list[float]]
@@ -336,7 +337,9 @@ class DemoEngine:
         record = build_record(name, seg, seg_er, self.info.args(), paths, seconds)
         write_outputs(paths, image, seg, record, alpha=0.5)
         n = len(seg.classes)
-        return SegmentResult(overlay=paths["overlay"], files=[paths["mask"], paths["json"], paths["overlay"]],
+        picture = viz.overlay(image, seg.mask, seg.classes, alpha=0.5, palette=viz.palette(n), legend=False)
+        return SegmentResult(picture=picture, overlay=paths["overlay"],
+                             files=[paths["mask"], paths["json"], paths["overlay"]],
                              classes=seg.classes, fractions=list(viz.class_fractions(seg.mask, seg.classes).values()),
                              colours=viz.palette(n), reader=reader, method=seg_er.method_name, seconds=seconds)
 
@@ -364,10 +367,10 @@ class DemoEngine:
         pal = viz.palette(n)
         differ = a.mask != b.mask
         marks = viz.overlay(image, differ.astype(np.int64), ["same class", "different class"], alpha=0.6,
-                            palette=np.array([[255, 255, 255], [255, 0, 255]], np.uint8))
+                            palette=np.array([[255, 255, 255], [255, 0, 255]], np.uint8), legend=False)
         fractions = tuple(list(viz.class_fractions(s.mask, s.classes).values()) for s in segs)
-        return CompareResult(overlays=(viz.overlay(image, a.mask, a.classes, palette=pal),
-                                       viz.overlay(image, b.mask, b.classes, palette=pal)),
+        return CompareResult(overlays=(viz.overlay(image, a.mask, a.classes, palette=pal, legend=False),
+                                       viz.overlay(image, b.mask, b.classes, palette=pal, legend=False)),
                              disagreement=marks, methods=(method_a, method_b), classes=a.classes,
                              fractions=fractions, colours=pal, agreement=1.0 - float(differ.mean()),
                              seconds=tuple(seconds))
