@@ -252,6 +252,9 @@ def test_demo_in_a_browser(demo_server, browser, tmp_path):
     page.wait(lambda: page.el("#classes textarea").get_attribute("value").startswith("road; sidewalk; building"),
               "the Cityscapes classes in the box", 20)
     page.set_classes(CLASSES)
+    page.wait(lambda: page.el("#vocabulary input").get_attribute("value").startswith("your own"),
+              "the vocabulary choice to follow the typing", 20)
+    assert page.el("#classes textarea").get_attribute("value") == CLASSES
     status, timings["Segment (s)"] = page.run("segment-run", "segment-status")
     assert "Error" not in status and status.startswith("rfclip:"), status
     overlay = page.wait(lambda: page.image_loaded("segment-overlay"), "the overlay")

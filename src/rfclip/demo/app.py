@@ -331,9 +331,9 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
             shown = _thumbnail(Image.fromarray(image))
             return shown, shown, (h, w, shown.height, shown.width), ok_html(f"{os.path.basename(path)}: {w} x {h} pixels")
 
-        def on_vocabulary(label, current):
+        def on_vocabulary(label):
             if label == OWN_VOCABULARY or not label:
-                return current
+                return gr.update()  # keep what is typed (returning it could undo keys typed meanwhile)
             return vocabulary_text(label)
 
         def on_segment(path, classes_v, method_v, pamr_v, thd_v, short_v, crop_v, stride_v, options_v,
@@ -401,7 +401,7 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
         model = dict(concurrency_id="model", concurrency_limit=1)
         helper = dict(queue=False, show_progress="hidden", api_visibility="private")
         image_file.change(on_upload, [image_file], [preview, in_click, image_size, image_status], **helper)
-        vocabulary.change(on_vocabulary, [vocabulary, classes], [classes], **helper)
+        vocabulary.change(on_vocabulary, [vocabulary], [classes], **helper)
         classes.input(lambda: OWN_VOCABULARY, None, [vocabulary], **helper)  # typed: no longer a ready vocabulary
         seg_method.change(lambda m: gr.update(info=method_description(m)), [seg_method], [seg_method], **helper)
         seg_outputs = [seg_status, seg_overlay, seg_bars, seg_readout, seg_files, seg_reader]
