@@ -258,7 +258,7 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                                 seg_files = gr.File(label="Downloads: mask PNG (class indices), JSON, overlay",
                                                     file_count="multiple", interactive=False,
                                                     elem_id="segment-files")
-                        seg_reader = gr.State(None)
+                        seg_reader = gr.State(None, time_to_live=3600)  # a result's pixels: freed after an hour
                     with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                         with gr.Row(equal_height=False, elem_classes=["rf-controls"]):
                             cmp_a = gr.Dropdown(methods, value=compare_a, label="Method A", scale=2,
@@ -433,7 +433,7 @@ def serve(app, host: str = "127.0.0.1", port: int | None = None, allowed_paths: 
     try:
         _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
                                show_error=False, ssr_mode=False, share=False, inbrowser=False, theme=theme(), css=CSS,
-                               allowed_paths=allowed, footer_links=[])
+                               allowed_paths=allowed, footer_links=[], max_file_size="256mb")
     except OSError as err:
         detail = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")
         raise RfclipError(f"cannot serve on {host}:{port or 'any port'}: {detail}; "

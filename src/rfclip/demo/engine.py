@@ -330,7 +330,8 @@ class DemoEngine:
             seg = self._segment(seg_er, image, text)
             seconds = time.perf_counter() - t0
         progress(0.9, "drawing")
-        reader = PixelReader(seg.mask, self._best(seg), seg.classes)
+        reader = PixelReader(seg.mask.astype(np.uint16 if len(seg.classes) > 256 else np.uint8), self._best(seg),
+                             seg.classes)  # kept per browser session: small integers
         seg.probs = None
         name = Path(os.path.basename(os.fspath(image_path)))
         paths = output_paths(self._request_dir(), name)
