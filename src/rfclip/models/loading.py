@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from rfclip.errors import RfclipError
 from rfclip.models import hf as _hf
@@ -274,6 +273,8 @@ def _build(cfg: dict, quick_gelu: bool, what: str, empty: bool = False):
     from open_clip.model import CLIP
     from open_clip.transformer import VisionTransformer
 
+    from rfclip.dense import attention_problem
+
     cfg = copy.deepcopy(cfg)
     _require_vit(cfg, what)
     cfg.pop("quick_gelu", None)
@@ -287,9 +288,11 @@ def _build(cfg: dict, quick_gelu: bool, what: str, empty: bool = False):
     except (TypeError, ValueError, AssertionError, KeyError) as e:
         raise RfclipError(f"cannot build {what} from its config ({_one_line(e)}); {_SUGGEST}") from None
     visual = model.visual
-    if not isinstance(visual, VisionTransformer) or not isinstance(
-            visual.transformer.resblocks[0].attn, nn.MultiheadAttention):
+    if not isinstance(visual, VisionTransformer):
         raise RfclipError(f"rfclip needs a ViT image encoder, but {what} built a {type(visual).__name__}; {_SUGGEST}")
+    problem = attention_problem(visual)  # by the attributes the dense forward uses, not by class
+    if problem:
+        raise RfclipError(f"rfclip cannot run the image encoder of {what} ({problem}); {_SUGGEST}")
     return model
 
 
