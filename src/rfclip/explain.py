@@ -13,7 +13,8 @@ writes into ``out_dir``:
 * ``tokens.png``: per layer, the distraction tokens (red) and the defocused tokens (green) over the image (Fig. 4 (b));
 * ``phi.png``: per layer, each token's maximum distraction-dimension weight divided by the threshold tau (above 1
   = distraction candidate; colour scale 0..2);
-* ``fiedler.png``: per layer with a graph cut, the Fiedler vector of the patch graph;
+* ``fiedler.png``: per layer with a graph cut, the Fiedler vector of the patch graph (written only when some layer
+  redistributes attention, i.e. finds distraction tokens: random or calibrated-away weights may give none);
 * ``embedding_weights.png``: the mean embedding weight per dimension of this image's layer-averaged input
   embeddings (unmodified CLIP), the distraction dimensions marked (Fig. 3 (a));
 * ``segmentation.png`` (when classes are given) and ``summary.json`` (per-layer counts, settings, file names).
@@ -85,6 +86,16 @@ def _matrix_image(mat: np.ndarray, vmax: float, size: int = _PANEL) -> Image.Ima
     return Image.fromarray(apply_colormap(np.asarray(f), "viridis"))
 
 
+def check_query_point(point, image_size: tuple[int, int]) -> tuple[float, float]:
+    """``(x, y)`` as floats, checked to lie inside an image of ``image_size`` (H, W); a one-line error otherwise."""
+    H, W = image_size
+    x, y = float(point[0]), float(point[1])
+    if not (0 <= x < W and 0 <= y < H):
+        raise RfclipError(f"query point ({x:g}, {y:g}) lies outside the {W}x{H} image; give x,y in pixels, "
+                          f"x in 0..{W - 1} and y in 0..{H - 1}")
+    return x, y
+
+
 def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip_explain",
             query_point: tuple[float, float] | None = None, layers=None) -> ExplainResult:
     """Draw RF-CLIP's per-layer diagnostics for one image into ``out_dir`` (PNG files + ``summary.json``).
@@ -102,7 +113,7 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
     """
     from . import viz
     from .calibrate import embedding_weights, token_profiles
-    from .inference import load_image, preprocess, rescale_size
+    from .inference import load_image, pad_to_patch, preprocess, rescale_size
     from .methods.rfclip import parse_layers
 
     method = _find_rfclip(segmenter.method)
@@ -110,30 +121,24 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
         raise RfclipError(f"explain draws RF-CLIP's diagnostics; build the segmenter with method='rfclip' "
                           f"(or rfclip_nodefocus / rfclip_code_embed), not '{getattr(segmenter, 'method_name', '?')}'")
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     encoder = segmenter.encoder
     device = segmenter.device
     img = load_image(image)
     H0, W0 = img.shape[:2]
+    qx, qy = (W0 / 2.0, H0 / 2.0) if query_point is None else check_query_point(query_point, (H0, W0))
     size = rescale_size(H0, W0, segmenter.config.short_side)  # (h, w) of the network input
-    x = preprocess(img, segmenter.config.short_side, device)  # (3, h, w)
     ph_, pw_ = encoder.patch_size
+    x = pad_to_patch(preprocess(img, segmenter.config.short_side, device), (ph_, pw_))  # (3, h, w), >= one patch
     gh, gw = x.shape[-2] // ph_, x.shape[-1] // pw_
-    if gh < 1 or gw < 1:
-        raise RfclipError(f"image too small for explain: {W0}x{H0} pixels; use a larger image or a larger --short-side")
     x = x[:, : gh * ph_, : gw * pw_]  # the forward drops the remainder anyway
-    # The picture the maps are drawn on: the resized image, cut to the patch grid.
-    base = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))[: gh * ph_, : gw * pw_]
+    # The picture the maps are drawn on: the resized image, padded as the input and cut to the patch grid.
+    base = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))
+    base = np.pad(base, ((0, max(0, gh * ph_ - size[0])), (0, max(0, gw * pw_ - size[1])), (0, 0)), mode="edge")
+    base = base[: gh * ph_, : gw * pw_]
     pw, ph = _panel_size(base.shape[0], base.shape[1])
     base_panel = np.asarray(Image.fromarray(base).resize((pw, ph), Image.BILINEAR))
 
     # Query patch.
-    if query_point is None:
-        qx, qy = W0 / 2.0, H0 / 2.0
-    else:
-        qx, qy = float(query_point[0]), float(query_point[1])
-        if not (0 <= qx < W0 and 0 <= qy < H0):
-            raise RfclipError(f"query point ({qx:g}, {qy:g}) lies outside the {W0}x{H0} image; give x,y in pixels")
     col = min(gw - 1, int(qx * size[1] / W0) // pw_)
     row = min(gh - 1, int(qy * size[0] / H0) // ph_)
     q_index = row * gw + col
@@ -232,6 +237,7 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
         if panels:
             files[name] = viz.save_image_atomic(viz.grid_figure(panels, titles, ncols=ncols), out / f"{name}.png")
 
+    out.mkdir(parents=True, exist_ok=True)  # only now that every input is checked
     save("attention", att_panels, att_titles, 6)
     save("self_attention", sa_panels, sa_titles, 6)
     save("tokens", tok_panels, tok_titles, 4)

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_open
-from ..errors import RfclipError
+from ..errors import ImageError, RfclipError
 from .. import __version__
-from . import common
+from . import _error, common
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -62,8 +62,8 @@ def add_parser(subparsers) -> None:
     cls.add_argument("--classes-file", metavar="FILE", help="a text file with one class per line")
     io.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created if missing)")
     common.add_images_per_batch_option(io)
-    io.add_argument("--overlay-opacity", type=common._float, default=0.5, metavar="A",
-                    help="opacity of the class colours in the overlay (default: 0.5)")
+    io.add_argument("--overlay-opacity", type=common._unit_float, default=0.5, metavar="A",
+                    help="opacity of the class colours in the overlay, 0..1 (default: 0.5)")
     io.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     common.add_model_options(p)
     common.add_method_options(p)
@@ -90,17 +90,6 @@ def read_classes(args) -> list[list[str]]:
     return parse_classes(lines)
 
 
-def check_classes(classes: list[list[str]]) -> list[list[str]]:
-    """Each class's display name (its first synonym) must be unique: outputs are keyed by it."""
-    seen = set()
-    for names in classes:
-        if names[0] in seen:
-            raise RfclipError(f"class '{names[0]}' is listed twice; list each class once "
-                              "(join synonyms with ',', e.g. \"cat,kitty;dog\")")
-        seen.add(names[0])
-    return classes
-
-
 def expand_images(items: list[str]) -> list[Path]:
     """Image paths; a folder stands for the image files directly inside it (sorted)."""
     paths: list[Path] = []
@@ -121,15 +110,25 @@ def output_paths(out: Path, image: Path) -> dict[str, Path]:
     return {"mask": out / f"{stem}_mask.png", "overlay": out / f"{stem}_overlay.png", "json": out / f"{stem}.json"}
 
 
-def validate_images(paths: list[Path], out: Path) -> None:
-    """Open every image (so a bad one fails before the model loads); check that outputs do not collide."""
-    from ..inference import load_image
+def validate_images(paths: list[Path], out: Path) -> dict[Path, str]:
+    """Open every image before the model loads and check that the outputs of the readable ones do not collide.
 
+    Returns the images that cannot be read, each with its one-line reason: they are reported and skipped, so that
+    one bad file never costs the others. Colliding outputs are an error for the whole run.
+    """
+    from ..inference import read_image
+
+    unreadable: dict[Path, str] = {}
     for path in paths:
-        load_image(path)  # RfclipError for a missing or unreadable file
+        try:
+            read_image(path)
+        except ImageError as err:
+            unreadable[path] = str(err)
     owners: dict[str, Path] = {}
     inputs = {os.path.realpath(p): p for p in paths}
     for path in paths:
+        if path in unreadable:
+            continue
         for target in output_paths(out, path).values():
             key = os.path.realpath(target)
             if key in owners:
@@ -138,6 +137,12 @@ def validate_images(paths: list[Path], out: Path) -> None:
             if key in inputs:
                 raise RfclipError(f"segmenting {path} would overwrite the input image {inputs[key]}; choose another --out")
             owners[key] = path
+    return unreadable
+
+
+def report_skipped(message: str) -> None:
+    """One line on stderr for an image that is skipped (the run goes on, and exits with status 2 at the end)."""
+    _error(f"{message} (skipped)")
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -186,7 +191,7 @@ def write_outputs(paths: dict[str, Path], image: np.ndarray, seg, record: dict, 
 
 
 def pixel_fractions(seg) -> list[float]:
-    """Fraction of the image's pixels given to each class (sums to 1; class names are unique, see check_classes)."""
+    """Fraction of the image's pixels given to each class (sums to 1; class names are unique, see parse_classes)."""
     from .. import viz
 
     return list(viz.class_fractions(seg.mask, seg.classes).values())
@@ -226,46 +231,82 @@ def build_record(path: Path, seg, segmenter, args, files: dict[str, Path], secon
 
 # ---------------------------------------------------------------------------------------------- run
 def run(args) -> int:
-    from ..inference import load_image
+    classes, out, images, skipped = check_inputs(args)
+    with common.output_folder(out):  # created now; removed again if the run ends with nothing in it
+        if not args.quiet and sys.stderr.isatty():
+            src = args.checkpoint or f"{args.model} ({args.pretrained})"
+            print(f"rfclip: loading {src}, method {args.method} ...", file=sys.stderr, flush=True)
+        segmenter = common.build_segmenter(args)
+        text = segmenter.encode_classes(classes)
+        written, failed = segment_images(args, segmenter, text, images, out)
+        if not args.quiet and written:
+            print(f"wrote {3 * written} files to {out}/ ({written} image{'s' if written != 1 else ''}: "
+                  "<name>_mask.png class indices, <name>_overlay.png picture with legend, <name>.json classes "
+                  "and fractions)")
+    if skipped + failed:
+        raise RfclipError(f"{skipped + failed} of {len(images) + skipped} images could not be read and were skipped "
+                          "(see above); fix or remove them and segment them again")
+    return 0
 
-    # Everything the user typed is checked before the model loads.
-    classes = check_classes(read_classes(args))
+
+def check_inputs(args) -> tuple[list[list[str]], Path, list[Path], int]:
+    """Everything the user typed, checked before the model loads: ``(classes, output folder, readable images,
+    number of unreadable images)``. Unreadable images are reported here, one line each; when no image is
+    readable that is the error."""
+    classes = read_classes(args)  # parse_classes refuses empty lists and duplicate names
     out = common.check_output_dir(args.out)
     images = expand_images(args.images)
-    validate_images(images, out)
+    unreadable = validate_images(images, out)
     common.check_checkpoint_path(args.checkpoint)
-    quiet = args.quiet
-    interactive = not quiet and sys.stderr.isatty()
+    if len(unreadable) == len(images):  # nothing to do: one line
+        first = next(iter(unreadable.values()))
+        raise RfclipError(first if len(images) == 1 else f"none of the {len(images)} images can be read "
+                                                         f"(the first: {first})")
+    for message in unreadable.values():
+        report_skipped(message)
+    return classes, out, [p for p in images if p not in unreadable], len(unreadable)
 
-    if interactive:
-        src = args.checkpoint or f"{args.model} ({args.pretrained})"
-        print(f"rfclip: loading {src}, method {args.method} ...", file=sys.stderr, flush=True)
-    segmenter = common.build_segmenter(args)
-    text = segmenter.encode_classes(classes)
 
+def segment_images(args, segmenter, text, images: list[Path], out: Path) -> tuple[int, int]:
+    """Segment ``images`` ``--images-per-batch`` at a time and write their outputs. Returns ``(written, failed)``:
+    an image that cannot be read now (changed since the check) is reported and skipped."""
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(images), unit="img", file=sys.stderr, disable=not interactive, leave=False)
+    from ..inference import read_image
+
+    quiet = args.quiet
+    noted: set[str] = set()  # input conversions already announced (once per kind, not per image)
+    written = failed = 0
+    bar = tqdm(total=len(images), unit="img", file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=False)
     try:
         per = args.images_per_batch
         for start in range(0, len(images), per):
-            group = images[start:start + per]
             t0 = time.perf_counter()
-            arrays = [load_image(p) for p in group]
-            results = segmenter.segment_batch(arrays, text, return_probs=False)
-            seconds = (time.perf_counter() - t0) / len(group)
-            for path, arr, seg in zip(group, arrays, results):
+            loaded = []
+            for path in images[start:start + per]:
+                try:
+                    loaded.append((path, *read_image(path)))
+                except ImageError as err:
+                    report_skipped(str(err))
+                    failed += 1
+                    bar.update(1)
+            if not loaded:
+                continue
+            results = segmenter.segment_batch([arr for _, arr, _ in loaded], text, return_probs=False)
+            seconds = (time.perf_counter() - t0) / len(loaded)
+            for (path, arr, conversion), seg in zip(loaded, results):
                 files = output_paths(out, path)
                 record = build_record(path, seg, segmenter, args, files, seconds)
+                record["input_conversion"] = conversion
                 write_outputs(files, arr, seg, record, args.overlay_opacity)
+                written += 1
+                if conversion and conversion not in noted and not quiet:
+                    noted.add(conversion)
+                    bar.write(f"rfclip: note: {path} is {conversion} (recorded as input_conversion in its JSON)",
+                              file=sys.stderr)
                 if not quiet:
                     bar.write(f"{path}: {summary(seg)} -> {files['overlay']}", file=sys.stdout)
                 bar.update(1)
     finally:
         bar.close()
-    if not quiet:
-        n = len(images)
-        print(f"wrote {3 * n} files to {out}/ ({n} image{'s' if n != 1 else ''}: <name>_mask.png class indices, "
-              "<name>_overlay.png picture with legend, <name>.json classes and fractions)")
-    return 0
+    return written, failed
