@@ -200,7 +200,6 @@ def test_duplicate_class_names_are_refused_by_the_api_as_by_the_cli(segmenter):
     (dict(short_side=-5), "short_side must be a whole number >= 0"),
     (dict(slide_crop=-1), "slide_crop must be a whole number >= 0"),
     (dict(slide_stride=0), "slide_stride must be a whole number >= 1"),
-    (dict(slide_crop=224, slide_stride=300), "leaves pixels between windows without a prediction"),
     (dict(batch_size=0), "batch_size must be a whole number >= 1"),
     (dict(area_thd=2.0), "area_thd must be a finite number in 0..1"),
     (dict(background_class=-1), "background_class must be a whole number >= 0"),
@@ -213,6 +212,15 @@ def test_settings_out_of_range_are_refused_at_construction(settings, expected):
     with pytest.raises(RfclipError, match=expected.replace(".", r"\.")) as err:
         InferenceConfig(**settings)
     assert "\n" not in str(err.value)
+
+
+def test_a_stride_larger_than_the_crop_is_refused_where_it_leaves_gaps():
+    from rfclip.inference import sliding_windows
+
+    with pytest.raises(RfclipError, match="slide_stride 300 is larger than slide_crop 224, which leaves pixels"):
+        sliding_windows(336, 500, 224, 300)  # windows at 0..224 and 276..500: 224..276 uncovered
+    assert sliding_windows(200, 224, 224, 300) == [(0, 200, 0, 224)]  # one window: no gap, nothing to refuse
+    assert len(sliding_windows(224, 448, 224, 300)) == 2  # 0..224 and 224..448 (shifted back): no gap either
 
 
 def test_settings_are_checked_by_with_config_and_against_the_model(segmenter):
@@ -417,11 +425,12 @@ def test_late_errors_leave_no_empty_output_folder(tiny_checkpoint, tmp_path, cap
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "a.png")
     out = tmp_path / "new" / "out"  # two folders to create (and to remove again)
     code, _, err = run_cli(capsys, *segment_argv(tiny_checkpoint, out, tmp_path / "a.png"),
-                           "--slide-crop", "8", "--slide-stride", "8")  # known bad only once the model is loaded
+                           "--slide-crop", "8")  # known bad only once the model (its patch size) is loaded
     one_line_error(code, err, "slide_crop 8 is smaller than the model's 16-pixel patch")
     assert not (tmp_path / "new").exists()
-    code, _, err = run_cli(capsys, *segment_argv(tiny_checkpoint, out, tmp_path / "a.png"), "--slide-crop", "8")
-    one_line_error(code, err, "slide_stride 112 is larger than slide_crop 8")
+    code, _, err = run_cli(capsys, *segment_argv(tiny_checkpoint, out, tmp_path / "a.png"), "--slide-stride", "300",
+                           "--short-side", "400")  # 400 x 533: windows at x 0, 300, 309: 224..300 uncovered
+    one_line_error(code, err, "slide_stride 300 is larger than slide_crop 224")  # found on the first image
     assert not (tmp_path / "new").exists()
 
 

@@ -52,10 +52,7 @@ class InferenceConfig:
         """Check every setting's type and range (also on ``dataclasses.replace``): one-line RfclipError."""
         self.short_side = _whole("short_side", self.short_side, 0, none_ok=True, hint="0 or None keeps the size")
         self.slide_crop = _whole("slide_crop", self.slide_crop, 0, hint="0 runs the whole image in one forward")
-        self.slide_stride = _whole("slide_stride", self.slide_stride, 1)
-        if self.slide_crop and self.slide_stride > self.slide_crop:
-            raise RfclipError(f"slide_stride {self.slide_stride} is larger than slide_crop {self.slide_crop}, which "
-                              "leaves pixels between windows without a prediction; use a stride <= the crop")
+        self.slide_stride = _whole("slide_stride", self.slide_stride, 1)  # > crop: see sliding_windows
         self.logit_scale = _number("logit_scale", self.logit_scale, 0.0, None, low_open=True)
         self.prob_thd = _number("prob_thd", self.prob_thd, 0.0, 1.0)
         self.background_class = _whole("background_class", self.background_class, 0)
@@ -290,7 +287,8 @@ def preprocess(image: np.ndarray, short_side: int | None, device=None) -> Tensor
 # ------------------------------------------------------------------------------------------- dense logits
 def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
     """mmseg-style windows ``(y1, y2, x1, x2)``: the last window is shifted back inside the image, no padding;
-    an image smaller than the crop gives one smaller crop. ``crop=0`` is one window over the whole image."""
+    an image smaller than the crop gives one smaller crop. ``crop=0`` is one window over the whole image. A stride
+    larger than the crop is refused where it would leave pixels uncovered (mmseg would average them over 0 windows)."""
     if crop <= 0:
         return [(0, height, 0, width)]
     if stride <= 0:
@@ -303,6 +301,15 @@ def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tup
             y2 = min(i * stride + crop, height)
             x2 = min(j * stride + crop, width)
             windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    if stride > crop:  # windows may leave gaps (the last window, shifted back, may close them)
+        for spans in ({(w[0], w[1]) for w in windows}, {(w[2], w[3]) for w in windows}):
+            reach = 0
+            for start, end in sorted(spans):
+                if start > reach:
+                    raise RfclipError(f"slide_stride {stride} is larger than slide_crop {crop}, which leaves pixels "
+                                      f"between windows without a prediction on this {width}x{height} input; use "
+                                      "a stride <= the crop")
+                reach = max(reach, end)
     return windows
 
 
