@@ -528,7 +528,7 @@ def test_raw_pickle_checkpoint_is_refused_without_torch_warnings(tmp_path, capsy
     one_line_error(code, err, "pickled Python objects")
 
 
-def test_convert_and_eval_write_no_progress_bars_into_logs(tmp_path, capsys, cli_cache):
+def test_convert_and_eval_write_no_progress_bars_into_logs(tiny_checkpoint, tmp_path, capsys, cli_cache):
     from test_evaluate import make_voc2012
 
     src = tmp_path / "coco_stuff164k"
@@ -539,11 +539,8 @@ def test_convert_and_eval_write_no_progress_bars_into_logs(tmp_path, capsys, cli
     code, _, err = run_cli(capsys, "convert-coco-object", src, "-o", tmp_path / "coco_object", "--num-workers", "1")
     assert code == 0 and err == ""  # stderr is not a terminal here: no progress bar
     make_voc2012(tmp_path / "VOC2012", num_images=2)
-    from safetensors.torch import save_file
-
-    save_file({k: v.half().contiguous() for k, v in make_clip().model.state_dict().items()}, str(tmp_path / "t.safetensors"))
     code, _, err = run_cli(capsys, "eval", "--dataset", "voc21", "--root", tmp_path / "VOC2012", "--out",
-                           tmp_path / "res" / "voc.json", "--checkpoint", tmp_path / "t.safetensors", "--device", "cpu",
+                           tmp_path / "res" / "voc.json", "--checkpoint", tiny_checkpoint, "--device", "cpu",
                            "--method", "clearclip", "--short-side", "64", "--num-workers", "0")
     assert code == 0 and err == ""
 
