@@ -6,6 +6,9 @@ files (OpenAI layout, float16 safetensors, as the loader reads OpenAI checkpoint
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -25,50 +28,6 @@ def tiny_checkpoint(tmp_path_factory):
     state = make_clip().model.state_dict()
     save_file({k: v.half().contiguous() for k, v in state.items()}, str(path))
     return path
-
-
-# ---------------------------------------------------------------------------------------------- 11: next open_clip
-class DevAttention(Attention):
-    """What open_clip's development branch puts in ``ResidualAttentionBlock`` instead of ``nn.MultiheadAttention``:
-    its own ``Attention`` (in_proj_weight, in_proj_bias, out_proj and num_heads, but no ``embed_dim``), called here
-    the way the block calls ``nn.MultiheadAttention``."""
-
-    def __init__(self, d_model, n_head, batch_first=True, **_):
-        super().__init__(d_model, n_head)
-
-    def forward(self, q_x, k_x=None, v_x=None, need_weights=False, attn_mask=None):
-        return super().forward(q_x, attn_mask=attn_mask), None
-
-
-def test_attention_module_without_embed_dim_loads_and_segments(tiny_checkpoint, monkeypatch, rng):
-    """A model whose blocks use an attention module of open_clip-dev's shape loads from a file, runs the dense
-    forward and gives the same probabilities as the nn.MultiheadAttention model on the same weights."""
-    from rfclip import Segmenter
-    from rfclip.models.loading import load_clip
-
-    reference = Segmenter(load_clip("ViT-B-16", checkpoint=tiny_checkpoint), method="naclip", device="cpu",
-                          text_cache=False, short_side=0)
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.nn, "MultiheadAttention", DevAttention)  # open_clip builds its blocks with it
-        clip = load_clip("ViT-B-16", checkpoint=tiny_checkpoint)
-    attn = clip.model.visual.transformer.resblocks[0].attn
-    assert isinstance(attn, DevAttention) and not hasattr(attn, "embed_dim")
-    dev = Segmenter(clip, method="naclip", device="cpu", text_cache=False, short_side=0)
-    assert (dev.encoder.width, dev.encoder.num_heads) == (reference.encoder.width, reference.encoder.num_heads)
-    image = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
-    expected = reference.segment(image, "red;green;blue")
-    got = dev.segment(image, "red;green;blue")
-    np.testing.assert_allclose(got.probs, expected.probs, atol=1e-5)
-
-
-def test_attention_without_the_used_attributes_is_a_one_line_error():
-    from rfclip.dense import DenseCLIP
-
-    clip = make_clip()
-    block = clip.model.visual.transformer.resblocks[1]
-    block.attn = torch.nn.Linear(4, 4)  # no in_proj_weight / num_heads
-    with pytest.raises(RfclipError, match="block 1 lacks in_proj_weight, in_proj_bias, out_proj, num_heads"):
-        DenseCLIP(clip.model.visual)
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -115,6 +74,57 @@ def one_line_error(code: int, err: str, expected: str) -> None:
     assert len(lines) == 1, err
     assert lines[0].startswith(("rfclip: error: ", "rfclip segment: error: ", "rfclip explain: error: ")), lines[0]
     assert expected in lines[0], lines[0]
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+# ---------------------------------------------------------------------------------------------- 11: next open_clip
+class DevAttention(Attention):
+    """What open_clip's development branch puts in ``ResidualAttentionBlock`` instead of ``nn.MultiheadAttention``:
+    its own ``Attention`` (in_proj_weight, in_proj_bias, out_proj and num_heads, but no ``embed_dim``), called here
+    the way the block calls ``nn.MultiheadAttention``."""
+
+    def __init__(self, d_model, n_head, batch_first=True, **_):
+        super().__init__(d_model, n_head)
+
+    def forward(self, q_x, k_x=None, v_x=None, need_weights=False, attn_mask=None):
+        return super().forward(q_x, attn_mask=attn_mask), None
+
+
+def test_attention_module_without_embed_dim_loads_and_segments(tiny_checkpoint, monkeypatch, rng):
+    """A model whose blocks use an attention module of open_clip-dev's shape loads from a file, runs the dense
+    forward and gives the same probabilities as the nn.MultiheadAttention model on the same weights."""
+    from rfclip import Segmenter
+    from rfclip.models.loading import load_clip
+
+    reference = Segmenter(load_clip("ViT-B-16", checkpoint=tiny_checkpoint), method="naclip", device="cpu",
+                          text_cache=False, short_side=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn, "MultiheadAttention", DevAttention)  # open_clip builds its blocks with it
+        clip = load_clip("ViT-B-16", checkpoint=tiny_checkpoint)
+    attn = clip.model.visual.transformer.resblocks[0].attn
+    assert isinstance(attn, DevAttention) and not hasattr(attn, "embed_dim")
+    dev = Segmenter(clip, method="naclip", device="cpu", text_cache=False, short_side=0)
+    assert (dev.encoder.width, dev.encoder.num_heads) == (reference.encoder.width, reference.encoder.num_heads)
+    image = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    expected = reference.segment(image, "red;green;blue")
+    got = dev.segment(image, "red;green;blue")
+    np.testing.assert_allclose(got.probs, expected.probs, atol=1e-5)
+
+
+def test_attention_without_the_used_attributes_is_a_one_line_error():
+    from rfclip.dense import DenseCLIP
+
+    clip = make_clip()
+    block = clip.model.visual.transformer.resblocks[1]
+    block.attn = torch.nn.Linear(4, 4)  # no in_proj_weight / num_heads
+    with pytest.raises(RfclipError, match="block 1 lacks in_proj_weight, in_proj_bias, out_proj, num_heads"):
+        DenseCLIP(clip.model.visual)
 
 
 # ---------------------------------------------------------------------------------------------- 1: 16-bit and float
@@ -336,6 +346,21 @@ def test_a_bad_image_in_a_folder_costs_no_other(tiny_checkpoint, tmp_path, capsy
         assert mask.size == (500, 1)
 
 
+def test_an_unreadable_file_among_named_images_is_skipped(tiny_checkpoint, tmp_path, capsys, cli_cache):
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *segment_argv(tiny_checkpoint, out, tmp_path / "a.png", tmp_path / "garbage.jpg",
+                                                 tmp_path / "missing.png"))
+    assert code == 2
+    lines = err.splitlines()
+    assert len(lines) == 3 and all(line.startswith("rfclip: error: ") for line in lines), err
+    assert f"cannot read image {tmp_path / 'garbage.jpg'}" in lines[0] and lines[0].endswith("(skipped)")
+    assert f"image not found: {tmp_path / 'missing.png'}" in lines[1] and lines[1].endswith("(skipped)")
+    assert "2 of 3 images could not be read and were skipped" in lines[2]
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a_mask.png", "a_overlay.png"]
+
+
 # ---------------------------------------------------------------------------------------------- 6: long class name
 def test_legend_of_a_10000_character_class_name_measures_little(monkeypatch):
     from rfclip import viz
@@ -370,17 +395,6 @@ def test_decompression_bomb_is_a_one_line_user_error(tmp_path, capsys, no_model,
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "big.png")  # between the limit and twice it:
     with warnings_as_errors():
         assert read_image(tmp_path / "big.png")[0].shape == (40, 40, 3)  # read without Pillow's warning
-
-
-def warnings_as_errors():
-    import warnings
-
-    class _Context(warnings.catch_warnings):
-        def __enter__(self):
-            super().__enter__()
-            warnings.simplefilter("error")
-
-    return _Context()
 
 
 @pytest.mark.parametrize("field, value, expected", [
@@ -552,21 +566,6 @@ def test_segmenter_given_a_weights_file_points_at_checkpoint(tiny_checkpoint):
         with pytest.raises(RfclipError, match=r"is a weights file, not an open_clip model name; pass the file as "
                                               r"checkpoint="):
             Segmenter(model, device="cpu")
-
-
-def test_an_unreadable_file_among_named_images_is_skipped(tiny_checkpoint, tmp_path, capsys, cli_cache):
-    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "a.png")
-    (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    out = tmp_path / "out"
-    code, _, err = run_cli(capsys, *segment_argv(tiny_checkpoint, out, tmp_path / "a.png", tmp_path / "garbage.jpg",
-                                                 tmp_path / "missing.png"))
-    assert code == 2
-    lines = err.splitlines()
-    assert len(lines) == 3 and all(line.startswith("rfclip: error: ") for line in lines), err
-    assert f"cannot read image {tmp_path / 'garbage.jpg'}" in lines[0] and lines[0].endswith("(skipped)")
-    assert f"image not found: {tmp_path / 'missing.png'}" in lines[1] and lines[1].endswith("(skipped)")
-    assert "2 of 3 images could not be read and were skipped" in lines[2]
-    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a_mask.png", "a_overlay.png"]
 
 
 # ---------------------------------------------------------------------------------------------- 10: README
