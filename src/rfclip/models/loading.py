@@ -719,7 +719,7 @@ def load_clip(model: str = "ViT-B-16", pretrained: str | None = "openai",
         RfclipError: any other problem with the inputs, in one line.
     """
     dev = _device(device)
-    raw = os.fspath(model)
+    raw = os.fspath(model) if isinstance(model, os.PathLike) else str(model)
     name = raw.replace("/", "-")
     if _looks_like_weights_file(raw) and _builtin_cfg(name) is None:
         raise RfclipError(f"model {raw!r} is a weights file, not an open_clip model name; pass the file as "
