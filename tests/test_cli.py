@@ -178,7 +178,7 @@ BAD_INPUTS = {
     "missing image": (["{d}/nope.jpg"], [], "image not found"),
     "corrupt jpeg": (["{d}/garbage.jpg"], [], "cannot read image"),
     "truncated png": (["{d}/truncated.png"], [], "truncated"),
-    "one bad image among good ones": (["{d}/a.jpg", "{d}/garbage.jpg"], [], "garbage.jpg"),
+    "only bad images": (["{d}/garbage.jpg", "{d}/truncated.png"], [], "none of the 2 images can be read"),
     "folder without images": (["{d}/no_images"], [], "holds no image files"),
     "empty classes": (["{d}/a.jpg"], ["--classes", ""], "empty class list"),
     "only separators": (["{d}/a.jpg"], ["--classes", ";;"], "empty class list"),

@@ -4,7 +4,6 @@ The browser drives the running page in test_demo_browser.py."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import socket
@@ -288,7 +287,6 @@ def test_demo_without_gradio_says_how_to_install(monkeypatch, capsys):
     assert code == 2 and 'pip install "rfclip[demo]"' in err and err.count("\n") == 1
 
 
-def test_cli_args_namespace_for_the_json():
+def test_model_label():
     info = ModelInfo("ViT-B-16", None, "/w/ViT-B-16.pt", "cpu")
-    assert info.args() == argparse.Namespace(model="ViT-B-16", pretrained=None, checkpoint="/w/ViT-B-16.pt")
     assert info.label() == "ViT-B-16 (checkpoint ViT-B-16.pt)"

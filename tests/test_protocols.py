@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
-import warnings
 
 import numpy as np
 import pytest

@@ -127,6 +127,42 @@ def softmax_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = 
     return logits.softmax(dim=-1)
 
 
+# What the forward uses of each block's attention module. Checked by ability, not class: open_clip's own
+# ``Attention`` (its development branch uses it instead of ``nn.MultiheadAttention``) has these but no ``embed_dim``.
+ATTENTION_ATTRIBUTES = ("in_proj_weight", "in_proj_bias", "out_proj", "num_heads")
+
+
+def vit_width(visual: nn.Module) -> int:
+    """Residual width of a ViT image encoder: ``visual.transformer.width``, else the in-projection's input size."""
+    width = getattr(visual.transformer, "width", None)
+    if width is None:
+        width = visual.transformer.resblocks[0].attn.in_proj_weight.shape[1]
+    return int(width)
+
+
+def attention_problem(visual: nn.Module) -> str | None:
+    """Why the blocks of ``visual.transformer`` cannot run in :class:`DenseCLIP`, or None when they can: every
+    block needs ``ln_1``, ``ln_2``, ``mlp``, ``ls_1``, ``ls_2`` and an ``attn`` with a packed q/k/v in-projection
+    (``in_proj_weight`` (3C, C), ``in_proj_bias`` or None), an ``out_proj`` and ``num_heads`` dividing the width."""
+    blocks = list(getattr(getattr(visual, "transformer", None), "resblocks", None) or [])
+    if not blocks:
+        return "no transformer.resblocks"
+    missing = [name for name in ("attn", "ln_1", "ln_2", "mlp", "ls_1", "ls_2") if not hasattr(blocks[0], name)]
+    if missing:
+        return f"block {type(blocks[0]).__name__} lacks {', '.join(missing)}"
+    for i, block in enumerate(blocks):
+        attn = block.attn
+        missing = [name for name in ATTENTION_ATTRIBUTES  # a q/k/v bias may be None (no bias), but must exist
+                   if not hasattr(attn, name) or (name != "in_proj_bias" and getattr(attn, name) is None)]
+        if missing:
+            return f"attention module {type(attn).__name__} of block {i} lacks {', '.join(missing)}"
+    width, heads = vit_width(visual), int(blocks[0].attn.num_heads)
+    if tuple(blocks[0].attn.in_proj_weight.shape) != (3 * width, width) or heads < 1 or width % heads:
+        return (f"attention of shape {tuple(blocks[0].attn.in_proj_weight.shape)} with {heads} heads does not fit "
+                f"width {width} (a packed q/k/v projection is needed)")
+    return None
+
+
 class DenseCLIP(nn.Module):
     """Dense forward over an open_clip ``VisionTransformer`` (weights shared, not copied)."""
 
@@ -141,16 +177,15 @@ class DenseCLIP(nn.Module):
             )
         if getattr(visual, "attn_pool", None) is not None:
             raise RfclipError("CLIP models with an attentional pooler (CoCa) are not supported; choose a plain CLIP ViT")
+        problem = attention_problem(visual)
+        if problem:
+            raise RfclipError(f"unsupported image encoder: {problem}; choose an OpenAI/LAION CLIP ViT")
         self.visual = visual
         self.blocks = list(visual.transformer.resblocks)
         attn = self.blocks[0].attn
-        if not isinstance(attn, nn.MultiheadAttention):
-            raise RfclipError(
-                f"unsupported attention module {type(attn).__name__} in the image encoder; choose an OpenAI/LAION CLIP ViT"
-            )
         self.num_layers = len(self.blocks)
-        self.num_heads = attn.num_heads
-        self.width = attn.embed_dim
+        self.num_heads = int(attn.num_heads)
+        self.width = vit_width(visual)
         self.head_dim = self.width // self.num_heads
         patch = visual.conv1.kernel_size
         self.patch_size = (int(patch[0]), int(patch[1]))

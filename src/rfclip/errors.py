@@ -12,3 +12,7 @@ class RfclipError(Exception):
 
 class WeightsNotFoundError(RfclipError):
     """Model weights are not in the local cache and cannot be downloaded."""
+
+
+class ImageError(RfclipError):
+    """One image cannot be read or interpreted (the other images of a run can still be segmented)."""

@@ -267,7 +267,7 @@ def evaluate(segmenter, dataset, limit: int | None = None, num_workers: int = 4,
         "settings": dataclasses.asdict(seg.config),
         "method": seg.method_name,
         "method_options": seg.method.options(),
-        "model": describe_model(seg),
+        "model": seg.clip.describe(),
         "device": str(seg.device),
         "precision": str(seg.amp_dtype).replace("torch.", "") if seg.amp_dtype is not None else "float32",
         "images_per_batch": images_per_batch,
@@ -279,12 +279,6 @@ def evaluate(segmenter, dataset, limit: int | None = None, num_workers: int = 4,
         json_path, csv_path = write_results(result, out)
         result["outputs"] = {"json": str(json_path), "csv": str(csv_path)}
     return result
-
-
-def describe_model(segmenter) -> dict[str, Any]:
-    clip = segmenter.clip
-    return {"name": getattr(clip, "name", None), "pretrained": getattr(clip, "pretrained", None),
-            "source": getattr(clip, "source", None), "quick_gelu": getattr(clip, "quick_gelu", None)}
 
 
 # ------------------------------------------------------------------------------------------------ outputs

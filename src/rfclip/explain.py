@@ -13,7 +13,8 @@ returns the pictures (PIL images) and the numbers; :func:`explain` writes them i
 * ``tokens.png``: per layer, the distraction tokens (red) and the defocused tokens (green) over the image (Fig. 4 (b));
 * ``phi.png``: per layer, each token's maximum distraction-dimension weight divided by the threshold tau (above 1
   = distraction candidate; colour scale 0..2);
-* ``fiedler.png``: per layer with a graph cut, the Fiedler vector of the patch graph;
+* ``fiedler.png``: per layer with a graph cut, the Fiedler vector of the patch graph (written only when some layer
+  redistributes attention, i.e. finds distraction tokens: random or calibrated-away weights may give none);
 * ``embedding_weights.png``: the mean embedding weight per dimension of this image's layer-averaged input
   embeddings (unmodified CLIP), the distraction dimensions marked (Fig. 3 (a));
 * ``segmentation.png`` (when classes are given) and ``summary.json`` (per-layer counts, settings, file names).
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ._io import atomic_open
 from .errors import RfclipError
@@ -65,19 +66,6 @@ def _panel_size(h: int, w: int) -> tuple[int, int]:
     return max(1, round(w * s)), max(1, round(h * s))
 
 
-def _mark(img: Image.Image, xy: tuple[float, float]) -> Image.Image:
-    """A white ring with a dark outline at ``xy`` (panel pixels)."""
-    img = img.copy()
-    d = ImageDraw.Draw(img)
-    r = max(4, img.width // 40)
-    x, y = xy
-    d.ellipse([x - r - 1, y - r - 1, x + r + 1, y + r + 1], outline=(0, 0, 0), width=3)
-    d.ellipse([x - r, y - r, x + r, y + r], outline=(255, 255, 255), width=2)
-    d.line([x - 2 * r, y, x - r, y], fill=(255, 255, 255), width=2)
-    d.line([x + r, y, x + 2 * r, y], fill=(255, 255, 255), width=2)
-    return img
-
-
 def _matrix_image(mat: np.ndarray, vmax: float, size: int = _PANEL) -> Image.Image:
     """A (N, N) non-negative matrix as a colour image (box-averaged to ``size``)."""
     from .viz import apply_colormap
@@ -85,6 +73,16 @@ def _matrix_image(mat: np.ndarray, vmax: float, size: int = _PANEL) -> Image.Ima
     m = np.clip(np.asarray(mat, np.float32) / max(vmax, 1e-12), 0, 1)
     f = Image.fromarray(m, mode="F").resize((size, size), Image.BOX)
     return Image.fromarray(apply_colormap(np.asarray(f), "viridis"))
+
+
+def check_query_point(point, image_size: tuple[int, int]) -> tuple[float, float]:
+    """``(x, y)`` as floats, checked to lie inside an image of ``image_size`` (H, W); a one-line error otherwise."""
+    H, W = image_size
+    x, y = float(point[0]), float(point[1])
+    if not (0 <= x < W and 0 <= y < H):
+        raise RfclipError(f"query point ({x:g}, {y:g}) lies outside the {W}x{H} image; give x,y in pixels, "
+                          f"x in 0..{W - 1} and y in 0..{H - 1}")
+    return x, y
 
 
 def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip_explain",
@@ -123,7 +121,7 @@ def explain_figures(segmenter, image, classes=None, query_point: tuple[float, fl
     :func:`explain`). The figures are named as :func:`explain`'s files (``attention``, ``tokens``, ``phi``, ...)."""
     from . import viz
     from .calibrate import embedding_weights, token_profiles
-    from .inference import load_image, preprocess, rescale_size
+    from .inference import load_image, pad_to_patch, preprocess, rescale_size
     from .methods.options import parse_layers
 
     method = _find_rfclip(segmenter.method)
@@ -134,26 +132,21 @@ def explain_figures(segmenter, image, classes=None, query_point: tuple[float, fl
     device = segmenter.device
     img = load_image(image)
     H0, W0 = img.shape[:2]
+    qx, qy = (W0 / 2.0, H0 / 2.0) if query_point is None else check_query_point(query_point, (H0, W0))
     size = rescale_size(H0, W0, segmenter.config.short_side)  # (h, w) of the network input
     cfg = segmenter.config
-    x = preprocess(img, cfg.short_side, device, cfg.pixel_mean, cfg.pixel_std)  # (3, h, w)
     ph_, pw_ = encoder.patch_size
+    x = pad_to_patch(preprocess(img, cfg.short_side, device, cfg.pixel_mean, cfg.pixel_std), (ph_, pw_))  # >= 1 patch
     gh, gw = x.shape[-2] // ph_, x.shape[-1] // pw_
-    if gh < 1 or gw < 1:
-        raise RfclipError(f"image too small for explain: {W0}x{H0} pixels; use a larger image or a larger --short-side")
     x = x[:, : gh * ph_, : gw * pw_]  # the forward drops the remainder anyway
-    # The picture the maps are drawn on: the resized image, cut to the patch grid.
-    base = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))[: gh * ph_, : gw * pw_]
+    # The picture the maps are drawn on: the resized image, padded as the input and cut to the patch grid.
+    base = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))
+    base = np.pad(base, ((0, max(0, gh * ph_ - size[0])), (0, max(0, gw * pw_ - size[1])), (0, 0)), mode="edge")
+    base = base[: gh * ph_, : gw * pw_]
     pw, ph = _panel_size(base.shape[0], base.shape[1])
     base_panel = np.asarray(Image.fromarray(base).resize((pw, ph), Image.BILINEAR))
 
     # Query patch.
-    if query_point is None:
-        qx, qy = W0 / 2.0, H0 / 2.0
-    else:
-        qx, qy = float(query_point[0]), float(query_point[1])
-        if not (0 <= qx < W0 and 0 <= qy < H0):
-            raise RfclipError(f"query point ({qx:g}, {qy:g}) lies outside the {W0}x{H0} image; give x,y in pixels")
     col = min(gw - 1, int(qx * size[1] / W0) // pw_)
     row = min(gh - 1, int(qy * size[0] / H0) // ph_)
     q_index = row * gw + col
@@ -214,7 +207,7 @@ def explain_figures(segmenter, image, classes=None, query_point: tuple[float, fl
                 info["query_attention_on_distraction"] = [lost, float(a_row[dis > 0.5].sum())]
             for row_vals, tag in ((b_row, "before"), (a_row, "after")):
                 pan = viz.heatmap_overlay(base_panel, grid_map(row_vals), alpha=0.6, vmin=0.0, vmax=vmax)
-                att_panels.append(_mark(pan, q_xy))
+                att_panels.append(viz.mark_point(pan, q_xy))
                 att_titles.append(f"L{layer} {tag}" if after is not None or tag == "before" else f"L{layer} (unchanged)")
             mb = before[1:, 1:]
             ma = after[1:, 1:] if after is not None else mb
@@ -243,7 +236,7 @@ def explain_figures(segmenter, image, classes=None, query_point: tuple[float, fl
     proxy = get("rf.proxy")
     if proxy is not None and proxy.shape[-1] == gh * gw:
         pr = proxy[q_index]
-        att_panels.append(_mark(viz.heatmap_overlay(base_panel, grid_map(pr), alpha=0.6, vmin=0.0), q_xy))
+        att_panels.append(viz.mark_point(viz.heatmap_overlay(base_panel, grid_map(pr), alpha=0.6, vmin=0.0), q_xy))
         att_titles.append("last layer (proxy)")
         sa_panels.append(_matrix_image(proxy, float(np.quantile(proxy, 0.995))))
         sa_titles.append("last layer (proxy)")

@@ -8,7 +8,11 @@ overlapping crop logits are averaged exactly as in the mmseg-style reference (ra
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
+import re
+import warnings
 from dataclasses import dataclass, fields
 from typing import Iterator, Sequence
 
@@ -20,8 +24,10 @@ from torch import Tensor
 
 from .constants import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, LOGIT_SCALE, LONG_SIDE_CAP, PAMR_DILATIONS, PAMR_STEPS,
                         SHORT_SIDE, SLIDE_CROP, SLIDE_STRIDE)
-from .errors import RfclipError
+from .errors import ImageError, RfclipError
 from .text import TextQueries
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,51 +51,210 @@ class InferenceConfig:
     pixel_std: tuple[float, ...] = CLIP_PIXEL_STD
     pad_crops_to: int | str = 0  # zero-pad each crop to multiples of this many px (ClearCLIP: "patch", ProxyCLIP: 56)
 
+    def __post_init__(self):
+        """Check every setting's type and range (also on ``dataclasses.replace``): one-line RfclipError."""
+        self.short_side = _whole("short_side", self.short_side, 0, none_ok=True, hint="0 or None keeps the size")
+        self.slide_crop = _whole("slide_crop", self.slide_crop, 0, hint="0 runs the whole image in one forward")
+        self.slide_stride = _whole("slide_stride", self.slide_stride, 1)  # > crop: see sliding_windows
+        self.logit_scale = _number("logit_scale", self.logit_scale, 0.0, None, low_open=True)
+        self.prob_thd = _number("prob_thd", self.prob_thd, 0.0, 1.0)
+        self.background_class = _whole("background_class", self.background_class, 0)
+        if self.area_thd is not None:
+            self.area_thd = _number("area_thd", self.area_thd, 0.0, 1.0)
+        self.pamr_steps = _whole("pamr_steps", self.pamr_steps, 0)
+        self.batch_size = _whole("batch_size", self.batch_size, 1)
+        for name in ("pamr", "compile"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise RfclipError(f"{name} must be true or false, got {value!r}")
+            setattr(self, name, bool(value))
+        if str(self.precision).lower() not in PRECISIONS:
+            raise RfclipError(f"unknown precision '{self.precision}'; choose {', '.join(PRECISIONS)}")
+
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _whole(name: str, value, minimum: int, none_ok: bool = False, hint: str = ""):
+    """``value`` as an int >= ``minimum`` (an integral float such as 336.0 is accepted), else a one-line error."""
+    if value is None and none_ok:
+        return None
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok and isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value, ok = int(value), True
+    if not ok or value < minimum:
+        raise RfclipError(f"{name} must be a whole number >= {minimum}{' (' + hint + ')' if hint else ''}, "
+                          f"got {value!r}; give a value in range")
+    return int(value)
+
+
+def _number(name: str, value, low: float, high: float | None, low_open: bool = False) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, ...`` with ``low_open``), else a one-line error."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    in_range = math.isfinite(number) and (number > low if low_open else number >= low) and (high is None or number <= high)
+    if isinstance(value, (bool, np.bool_)) or not in_range:
+        span = f"{'above' if low_open else 'at least'} {low:g}" if high is None else f"in {low:g}..{high:g}"
+        raise RfclipError(f"{name} must be a finite number {span}, got {value!r}; give a value in range")
+    return number
+
+
 # ------------------------------------------------------------------------------------------- images in
 def load_image(image) -> np.ndarray:
-    """A path, PIL image or H x W (x 1/3/4) uint8 array -> H x W x 3 uint8 RGB.
+    """A path, PIL image or H x W (x 1/3/4) array -> H x W x 3 uint8 RGB (see :func:`read_image`)."""
+    return read_image(image)[0]
 
-    EXIF orientation is applied; grayscale, palette and RGBA inputs become RGB (alpha is dropped).
+
+def read_image(image) -> tuple[np.ndarray, str | None]:
+    """A path, PIL image or H x W (x 1/3/4) array -> ``(H x W x 3 uint8 RGB, conversion)``.
+
+    EXIF orientation is applied; grayscale, palette and RGBA inputs become RGB (alpha is dropped). Inputs that are
+    not 8-bit are scaled to 0..255 by their range, and ``conversion`` says how (None for 8-bit inputs):
+
+    * integer images by their type's full range: 16-bit PNG/TIFF (``I;16``) and ``uint16`` arrays by 65535 (a TIFF
+      that declares fewer bits per sample, e.g. 12, by 2^bits - 1);
+    * float images (``F`` TIFFs, float arrays) whose values lie in 0..1 (within one 8-bit step) by 255.
+
+    Anything else cannot be interpreted and is refused with a one-line :class:`ImageError` naming the conversion
+    to make: NaN or infinite values, float values outside 0..1, other integer types, 32-bit integer files.
     """
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise RfclipError(f"image not found: {path}; check the path")
-        try:
+        name = os.fspath(image)
+        rgb, conversion = _read_file(name)
+    elif isinstance(image, Image.Image):
+        name = "the PIL image"
+        rgb, conversion = _pil_to_rgb(image, name)
+    elif isinstance(image, np.ndarray):
+        name = "the image array"
+        rgb, conversion = _array_to_rgb(image)
+    else:
+        raise ImageError(f"unsupported image type {type(image).__name__}; give a path, a PIL image or an "
+                         "H x W x 3 uint8 array")
+    if conversion:
+        log.info("%s: %s", name, conversion)
+    return rgb, conversion
+
+
+def _read_file(path: str) -> tuple[np.ndarray, str | None]:
+    if not os.path.isfile(path):
+        raise ImageError(f"image not found: {path}; check the path")
+    try:
+        with warnings.catch_warnings():
+            # Between Pillow's pixel limit and twice it Pillow only warns; such images are read (and resized).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as pil:
                 pil.load()
-                return _pil_to_rgb(pil)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise RfclipError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
-                              "give a valid JPEG/PNG/WebP/... file") from None
-    if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
-            raise RfclipError(f"image array must be H x W x 3 (or 1/4 channels), got shape {image.shape}")
-        if arr.dtype != np.uint8:
-            raise RfclipError(f"image array must be uint8 (0-255), got {arr.dtype}; convert with (x * 255).astype(np.uint8)")
-        if arr.shape[2] == 1:
-            arr = np.repeat(arr, 3, axis=2)
-        return np.ascontiguousarray(arr[..., :3])
-    raise RfclipError(f"unsupported image type {type(image).__name__}; give a path, a PIL image or an H x W x 3 uint8 array")
+                return _pil_to_rgb(pil, f"image {path}")
+    except Image.DecompressionBombError as err:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(pixels.group(1)) / 1e6:.0f} megapixels, " if pixels else ""
+        raise ImageError(f"image {path} is too large to read safely ({size}above Pillow's limit of "
+                         f"{2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f}); downscale it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                         "give a valid JPEG/PNG/WebP/... file") from None
 
 
-def _pil_to_rgb(pil: Image.Image) -> np.ndarray:
+def _tiff_bits(pil: Image.Image) -> int | None:
+    tags = getattr(pil, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None  # BitsPerSample
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return int(bits) if isinstance(bits, int) else None
+
+
+def _pil_to_rgb(pil: Image.Image, name: str) -> tuple[np.ndarray, str | None]:
+    fmt, tiff_bits = pil.format, _tiff_bits(pil)  # before exif_transpose, whose copy forgets them
     pil = ImageOps.exif_transpose(pil)
-    if pil.mode in ("RGBA", "LA") or (pil.mode == "P" and "transparency" in pil.info):
+    mode = pil.mode
+    if mode.startswith("I;16") or mode == "I":
+        if mode == "I" and fmt is None:
+            raise ImageError(f"{name} has mode I (32-bit integers), which has no standard brightness range; "
+                             "convert it to 8-bit (mode L/RGB) or 16-bit (mode I;16) first")
+        # PNG, PGM, ... hold at most 16-bit integers (older Pillow reads them as "I"); a TIFF says its depth.
+        bits = tiff_bits if fmt == "TIFF" else 16
+        if bits is None or not 1 <= bits <= 16:
+            raise ImageError(f"{name} holds {bits or 32}-bit integers, which have no standard brightness range; "
+                             "save it as an 8- or 16-bit image")
+        return _scale_integers(np.asarray(pil), bits, f"{bits}-bit grey (mode {mode})", name)
+    if mode == "F":
+        return _scale_floats(np.asarray(pil), "float grey, mode F", name,
+                             fix="save it as an 8- or 16-bit image, or as float values in 0..1")
+    if mode in ("RGBA", "LA", "La", "PA", "RGBa") or (mode == "P" and "transparency" in pil.info):
         pil = pil.convert("RGBA").convert("RGB")  # drop alpha; a white composite would invent colours
-    elif pil.mode != "RGB":
+    elif mode != "RGB":
         pil = pil.convert("RGB")
-    return np.asarray(pil, dtype=np.uint8).copy()
+    return np.asarray(pil, dtype=np.uint8).copy(), None
+
+
+def _scale_integers(values: np.ndarray, bits: int, what: str, name: str) -> tuple[np.ndarray, str]:
+    """Integers in 0..2^bits-1 -> uint8 RGB, ``round(v * 255 / (2^bits - 1))`` in exact integer arithmetic."""
+    top = (1 << bits) - 1
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi > top:
+        raise ImageError(f"{name} holds values {lo}..{hi}, outside the 0..{top} of a {bits}-bit image; "
+                         "save it as an 8- or 16-bit image")
+    scaled = ((values.astype(np.uint32) * 255 + top // 2) // top).astype(np.uint8)
+    return _to_rgb(scaled), f"{what}: values scaled from 0..{top} to 0..255"
+
+
+_FLOAT_TOLERANCE = 1.0 / 255  # float images may overshoot 0..1 by rounding; one 8-bit step is accepted (clipped)
+
+
+def _scale_floats(values: np.ndarray, what: str, name: str, fix: str) -> tuple[np.ndarray, str]:
+    """Float values in 0..1 -> uint8 RGB by ``round(255 v)``; anything else has no known range and is refused."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise ImageError(f"{name} ({what}) has NaN or infinite values; replace them (e.g. np.nan_to_num(x)) or {fix}")
+    lo, hi = float(values.min()), float(values.max())
+    if lo >= -_FLOAT_TOLERANCE and hi <= 1 + _FLOAT_TOLERANCE:
+        scaled = np.rint(np.clip(values.astype(np.float32), 0, 1) * 255).astype(np.uint8)
+        return _to_rgb(scaled), f"{what} in 0..1: values scaled to 0..255"
+    raise ImageError(f"{name} ({what}) has values {lo:g}..{hi:g}, but rfclip reads float images as brightness "
+                     f"in 0..1; {fix}")
+
+
+def _to_rgb(values: np.ndarray) -> np.ndarray:
+    """H x W or H x W x 1/3/4 -> H x W x 3 (grey repeated, alpha dropped), contiguous and writable."""
+    if values.ndim == 2:
+        values = values[..., None]
+    if values.shape[2] == 1:
+        values = np.repeat(values, 3, axis=2)
+    out = np.ascontiguousarray(values[..., :3])
+    return out if out.flags.writeable else out.copy()  # torch warns on (and cannot share) read-only arrays
+
+
+def _array_to_rgb(image: np.ndarray) -> tuple[np.ndarray, str | None]:
+    arr = image[..., None] if image.ndim == 2 else image
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(f"image array must be H x W x 3 (or 1/4 channels), got shape {image.shape}")
+    if arr.dtype == np.uint8:
+        return _to_rgb(arr), None
+    if arr.dtype == np.uint16:
+        return _scale_integers(arr, 16, "uint16 array", "the image array")
+    if np.issubdtype(arr.dtype, np.floating):
+        if np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 255:  # most likely 0..255 values as floats
+            fix = "convert with np.clip(x, 0, 255).round().astype(np.uint8) if they are 0..255 brightness"
+        else:
+            fix = "scale it to 0..1 (e.g. (x - x.min()) / (x.max() - x.min())) or convert it to uint8"
+        return _scale_floats(arr, f"{arr.dtype} array", "the image array", fix=fix)
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        lo, hi = (int(arr.min()), int(arr.max()))
+        if arr.dtype == np.bool_:
+            fix = "convert with x.astype(np.uint8) * 255"
+        elif 0 <= lo and hi <= 255:
+            fix = "convert with x.astype(np.uint8)"
+        else:
+            fix = "convert it to uint8 (0..255) or uint16 (0..65535)"
+        raise ImageError(f"image array must be uint8 (0..255), uint16 (0..65535) or float (0..1), got {arr.dtype} "
+                         f"with values {lo}..{hi}; {fix}")
+    raise ImageError(f"image array must be uint8, uint16 or float, got {arr.dtype}; convert it to uint8")
 
 
 def rescale_size(height: int, width: int, short_side: int | None, long_cap: int = LONG_SIDE_CAP) -> tuple[int, int]:
@@ -99,6 +264,16 @@ def rescale_size(height: int, width: int, short_side: int | None, long_cap: int 
         return height, width
     scale = min(long_cap / max(height, width), short_side / min(height, width))
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def pad_to_patch(image: Tensor, patch: tuple[int, int]) -> Tensor:
+    """(3, h, w) -> (3, max(h, patch_h), max(w, patch_w)): a side shorter than one patch (a 1 x 500 image after
+    the long-side cap) is extended by repeating its last row / column, so that it still gives a patch grid. The
+    caller cuts the padding's logits off again."""
+    pad_h, pad_w = max(0, patch[0] - image.shape[-2]), max(0, patch[1] - image.shape[-1])
+    if not (pad_h or pad_w):
+        return image
+    return F.pad(image[None], (0, pad_w, 0, pad_h), mode="replicate")[0]
 
 
 def preprocess(image: np.ndarray, short_side: int | None, device=None, mean: Sequence[float] = CLIP_PIXEL_MEAN,
@@ -118,7 +293,8 @@ def preprocess(image: np.ndarray, short_side: int | None, device=None, mean: Seq
 # ------------------------------------------------------------------------------------------- dense logits
 def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
     """mmseg-style windows ``(y1, y2, x1, x2)``: the last window is shifted back inside the image, no padding;
-    an image smaller than the crop gives one smaller crop. ``crop=0`` is one window over the whole image."""
+    an image smaller than the crop gives one smaller crop. ``crop=0`` is one window over the whole image. A stride
+    larger than the crop is refused where it would leave pixels uncovered (mmseg would average them over 0 windows)."""
     if crop <= 0:
         return [(0, height, 0, width)]
     if stride <= 0:
@@ -131,6 +307,15 @@ def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tup
             y2 = min(i * stride + crop, height)
             x2 = min(j * stride + crop, width)
             windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    if stride > crop:  # windows may leave gaps (the last window, shifted back, may close them)
+        for spans in ({(w[0], w[1]) for w in windows}, {(w[2], w[3]) for w in windows}):
+            reach = 0
+            for start, end in sorted(spans):
+                if start > reach:
+                    raise RfclipError(f"slide_stride {stride} is larger than slide_crop {crop}, which leaves pixels "
+                                      f"between windows without a prediction on this {width}x{height} input; use "
+                                      "a stride <= the crop")
+                reach = max(reach, end)
     return windows
 
 
@@ -172,8 +357,8 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     autocast supports that dtype (CPU: bf16, and fp16 in recent torch); otherwise it is a user error.
     """
     precision = str(precision).lower()
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise RfclipError(f"unknown precision '{precision}'; choose auto, fp32, bf16 or fp16")
+    if precision not in PRECISIONS:
+        raise RfclipError(f"unknown precision '{precision}'; choose {', '.join(PRECISIONS)}")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "auto":

@@ -12,8 +12,8 @@ import torch
 from .dense import DenseCLIP
 from .devices import resolve_device
 from .errors import RfclipError
-from .inference import (InferenceConfig, autocast_dtype, check_pixel_stats, dense_logits, load_image, padding_multiple,
-                        postprocess, preprocess)
+from .inference import (InferenceConfig, autocast_dtype, check_pixel_stats, dense_logits, pad_to_patch,
+                        padding_multiple, postprocess, preprocess, read_image)
 from .methods import build_method, method_option_names
 from .text import ClassSpec, TextClassifier, TextQueries
 
@@ -28,6 +28,7 @@ class Segmentation:
     probs: np.ndarray | None  # (C, H, W) float32 class probabilities (max over synonyms); None if not asked for
     classes: list[str]  # display name of each class (its first synonym)
     synonyms: list[list[str]]
+    input_conversion: str | None = None  # how a non-8-bit input was scaled to 0..255 (see inference.read_image)
 
     def fractions(self) -> dict[str, float]:
         """Fraction of the image's pixels given to each class."""
@@ -82,7 +83,7 @@ class Segmenter:
         self.method = build_method(method, plugins, **method_options)
         self.method_name = method if not plugins else "+".join([method, *plugins])
 
-        if isinstance(model, str):
+        if isinstance(model, (str, os.PathLike)):
             from .models.loading import load_clip
 
             self.clip = load_clip(model, pretrained, checkpoint=checkpoint, device=self.device, quick_gelu=quick_gelu)
@@ -90,6 +91,7 @@ class Segmenter:
             self.clip = model
             self.clip.model.to(self.device)
         self.encoder = DenseCLIP(self.clip.model.visual).to(self.device)
+        self._check_config(self.config)
         self._compiled: dict = {}  # the torch.compile'd encoder, shared with with_config copies
         self.method.prepare(self.clip)
         self.text = TextClassifier(self.clip, templates=templates, device=self.device, cache_dir=text_cache)
@@ -104,6 +106,7 @@ class Segmenter:
         clone = object.__new__(Segmenter)
         clone.__dict__.update(self.__dict__)
         clone.config = _checked(replace(self.config, **changes))
+        self._check_config(clone.config)
         clone.amp_dtype = autocast_dtype(self.device, clone.config.precision)
         return clone
 
@@ -121,6 +124,24 @@ class Segmenter:
         clone.method_name = method if not plugins else "+".join([method, *plugins])
         return clone
 
+    def _check_config(self, cfg: InferenceConfig) -> None:
+        """Settings that depend on the model: a sliding-window crop must hold at least one patch."""
+        patch = max(self.encoder.patch_size)
+        if 0 < cfg.slide_crop < patch:
+            raise RfclipError(f"slide_crop {cfg.slide_crop} is smaller than the model's {patch}-pixel patch; use a "
+                              f"crop of at least {patch} (default 224), or 0 for the whole image")
+
+    def _check_finite(self, logits: list[torch.Tensor]) -> None:
+        """Non-finite scores (NaN weights, fp16 overflow) would silently give every pixel class 0."""
+        if bool(torch.stack([torch.isfinite(lg).all() for lg in logits]).all()):
+            return
+        source = getattr(self.clip, "source", "?")
+        if self.amp_dtype == torch.float16:
+            fix = "run with precision fp32 or bf16 (fp16 overflows with these weights)"
+        else:
+            fix = "the weights hold NaN/inf values or overflow; check the checkpoint (download or copy it again)"
+        raise RfclipError(f"model {getattr(self.clip, 'name', '?')} ({source}) produced non-finite scores; {fix}")
+
     def forward_encoder(self):
         """The encoder that runs the crops: :attr:`encoder`, or its ``torch.compile`` version with ``compile=True``
         (compiled once, on first use; the method's hooks are traced with it)."""
@@ -132,15 +153,23 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray], text: TextQueries, return_probs: bool = True):
-        """Segment uint8 RGB arrays with an embedded vocabulary; crops of all images share forwards.
+        """Segment uint8 RGB arrays with an embedded vocabulary; crops of all images share forwards. An image whose
+        resized short side is below one patch is padded to one patch (its last row / column repeated).
 
         Returns a list of ``(mask, probs)`` torch tensors at each image's original size.
         """
         cfg = self.config
+        if cfg.prob_thd > 0 and cfg.background_class >= text.num_classes:
+            raise RfclipError(f"background_class {cfg.background_class} is not one of the {text.num_classes} classes; "
+                              f"give an index below {text.num_classes}")
         inputs = [preprocess(img, cfg.short_side, self.device, cfg.pixel_mean, cfg.pixel_std) for img in images]
-        logits = dense_logits(self.forward_encoder(), self.method, inputs, text, cfg.slide_crop, cfg.slide_stride,
+        padded = [pad_to_patch(x, self.encoder.patch_size) for x in inputs]  # sides below one patch
+        logits = dense_logits(self.forward_encoder(), self.method, padded, text, cfg.slide_crop, cfg.slide_stride,
                               cfg.batch_size, self.amp_dtype,
                               pad_to=padding_multiple(cfg.pad_crops_to, self.encoder.patch_size[0]))
+        logits = [lg[:, :x.shape[-2], :x.shape[-1]] for lg, x in zip(logits, inputs)]  # padding cut off
+        del padded
+        self._check_finite(logits)
         results = []
         for i, img in enumerate(images):
             lg, logits[i] = logits[i], None  # free each image's logits once it is done (large images)
@@ -150,21 +179,24 @@ class Segmenter:
 
     def segment(self, image, classes: str | Sequence[ClassSpec] | TextQueries,
                 return_probs: bool = True) -> Segmentation:
-        """Segment one image (path, PIL image or H x W x 3 uint8 array) into ``classes``."""
+        """Segment one image (path, PIL image or H x W x 3 array; see :func:`rfclip.inference.read_image` for
+        16-bit and float inputs) into ``classes``."""
         return self.segment_batch([image], classes, return_probs=return_probs)[0]
 
     def segment_batch(self, images: Sequence, classes: str | Sequence[ClassSpec] | TextQueries,
                       return_probs: bool = True) -> list[Segmentation]:
         """Segment several images with one vocabulary; their crops are batched together."""
         text = classes if isinstance(classes, TextQueries) else self.encode_classes(classes)
-        arrays = [load_image(im) for im in images]
+        loaded = [read_image(im) for im in images]
         out = []
-        for (mask, probs) in self.predict(arrays, text, return_probs=return_probs):
+        results = self.predict([rgb for rgb, _ in loaded], text, return_probs=return_probs)
+        for (mask, probs), (_, conversion) in zip(results, loaded):
             out.append(Segmentation(
                 mask=mask.cpu().numpy().astype(np.int64),
                 probs=probs.cpu().numpy() if probs is not None else None,
                 classes=list(text.class_names),
                 synonyms=[list(s) for s in text.synonyms],
+                input_conversion=conversion,
             ))
         return out
 

@@ -36,6 +36,7 @@ def parse_classes(classes: str | Sequence[ClassSpec]) -> list[list[str]]:
     classes). A string without ``;`` is a plain comma-separated class list ("road, car, tree, sky"): one class
     with synonyms only would make every pixel that class, so that reading is never what a user means.
     A sequence holds one entry per class, each a name, a comma-separated synonym string, or a list of synonyms.
+    Each class's display name (its first synonym) must be unique: masks, fractions and outputs are keyed by it.
     """
     if isinstance(classes, str):
         if ";" in classes:
@@ -52,6 +53,12 @@ def parse_classes(classes: str | Sequence[ClassSpec]) -> list[list[str]]:
             parsed.append(names)
     if not parsed:
         raise RfclipError('empty class list; give class names, e.g. --classes "road;car;tree;sky"')
+    seen: set[str] = set()
+    for names in parsed:
+        if names[0] in seen:
+            raise RfclipError(f"class '{names[0]}' is listed twice; list each class once "
+                              "(join synonyms with ',', e.g. \"cat,kitty;dog\")")
+        seen.add(names[0])
     return parsed
 
 

@@ -8,8 +8,11 @@ bitmap font. Files are written atomically (:func:`save_image_atomic`).
 from __future__ import annotations
 
 import colorsys
+import importlib.util
+import logging
 import math
 import os
+import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -20,9 +23,12 @@ from PIL import Image, ImageDraw, ImageFont
 from ._io import atomic_open
 from .errors import RfclipError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "palette",
     "save_mask_png",
+    "mark_point",
     "save_image_atomic",
     "class_fractions",
     "colorize",
@@ -32,6 +38,7 @@ __all__ = [
     "grid_figure",
     "line_plot",
     "get_font",
+    "label_font",
 ]
 
 # 20 distinct colours (Sasha Trubetskoy's list, reordered so that the first ones differ most).
@@ -185,17 +192,150 @@ def get_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
+# TrueType/OpenType fonts tried, in this order, for text Pillow's default font (Aileron: ASCII and little more)
+# cannot draw: what Linux distributions, matplotlib, macOS and Windows usually provide. Bare names are looked up
+# by Pillow in the system font folders (XDG data dirs, /Library/Fonts, C:/Windows/Fonts).
+_FALLBACK_FONTS = (
+    "DejaVuSans.ttf",  # Latin, Greek, Cyrillic, many symbols (Debian fonts-dejavu-core, matplotlib)
+    "NotoSans-Regular.ttf",
+    "NotoSansCJK-Regular.ttc",  # Chinese, Japanese, Korean (fonts-noto-cjk)
+    "NotoSansCJKsc-Regular.otf",
+    "DroidSansFallbackFull.ttf",
+    "wqy-microhei.ttc",
+    "wqy-zenhei.ttc",
+    "FreeSans.ttf",
+    "LiberationSans-Regular.ttf",
+    "Arial Unicode.ttf",  # macOS
+    "PingFang.ttc",
+    "Hiragino Sans GB.ttc",
+    "AppleSDGothicNeo.ttc",
+    "arial.ttf",  # Windows
+    "msyh.ttc",
+    "meiryo.ttc",
+    "malgun.ttf",
+    "seguisym.ttf",
+    "NotoEmoji-Regular.ttf",
+    "Symbola.ttf",
+)
+
+
+@lru_cache(maxsize=None)
+def _fallback_font_files() -> tuple[str, ...]:
+    """Paths of the fallback fonts found here (looked up once per process)."""
+    found = []
+    mpl = importlib.util.find_spec("matplotlib")
+    for name in _FALLBACK_FONTS:
+        candidates = [name]
+        if name == "DejaVuSans.ttf" and mpl is not None and mpl.submodule_search_locations:
+            candidates.append(os.path.join(list(mpl.submodule_search_locations)[0], "mpl-data", "fonts", "ttf", name))
+        for candidate in candidates:
+            try:
+                font = ImageFont.truetype(candidate, 12)
+            except (OSError, ImportError):
+                continue
+            path = getattr(font, "path", candidate)
+            if isinstance(path, str) and path not in found:
+                found.append(path)
+            break
+    return tuple(found)
+
+
+@lru_cache(maxsize=64)
+def _fallback_fonts(size: int) -> tuple:
+    fonts = []
+    for path in _fallback_font_files():
+        try:
+            fonts.append(ImageFont.truetype(path, size))
+        except OSError:
+            continue
+    return tuple(fonts)
+
+
+@lru_cache(maxsize=1 << 14)
+def has_glyph(font, char: str) -> bool:
+    """Whether ``font`` draws ``char`` with a glyph of its own, not the missing-glyph box (.notdef).
+
+    The character is drawn and compared with U+FFFF, a noncharacter no font maps, which draws .notdef. White space
+    and invisible format characters count as drawable. Bitmap fonts (no FreeType) draw ASCII only.
+    """
+    if char.isspace() or unicodedata.category(char) == "Cf":
+        return True
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return char.isascii()
+    return _rendered(font, char) != _rendered(font, "\uffff")
+
+
+def _rendered(font, text: str) -> tuple:
+    left, top, right, bottom = font.getbbox(text)
+    img = Image.new("L", (max(1, right - left), max(1, bottom - top)))
+    ImageDraw.Draw(img).text((-left, -top), text, font=font, fill=255)
+    return img.size, img.tobytes()
+
+
+_ASCII_LOOKALIKES = {"ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE", "đ": "d", "Đ": "D",
+                     "ł": "l", "Ł": "L", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D", "ı": "i", "…": "..."}
+_warned_glyphs = False
+
+
+def _readable_ascii(char: str) -> str:
+    """An ASCII stand-in for a character no font here can draw: the letter without its accents ("é" -> "e"),
+    a usual spelling ("ß" -> "ss"), else its code point ("猫" -> "<U+732B>")."""
+    if char in _ASCII_LOOKALIKES:
+        return _ASCII_LOOKALIKES[char]
+    plain = "".join(c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c))
+    if plain and plain.isascii() and plain.isprintable():
+        return plain
+    return f"<U+{ord(char):04X}>"
+
+
+def label_font(text: str, size: int) -> tuple:
+    """``(font, text to draw)`` for a label at ``size`` pixels, never with missing-glyph boxes.
+
+    The default font when it has every glyph of ``text``; else the first font found here (:data:`_FALLBACK_FONTS`:
+    DejaVu Sans, Noto CJK, ...) that has them all; else the font with the most of them, the others replaced by a
+    readable ASCII form (:func:`_readable_ascii`), which is said once per process (a logging warning).
+    """
+    global _warned_glyphs
+    default = get_font(size)
+    chars = set(text)
+    if all(has_glyph(default, c) for c in chars):
+        return default, text
+    fonts = (default, *_fallback_fonts(max(6, int(size))))
+    coverage = [sum(has_glyph(f, c) for c in chars) for f in fonts]
+    best = fonts[coverage.index(max(coverage))]
+    if max(coverage) == len(chars):
+        return best, text
+    missing = "".join(sorted(c for c in chars if not has_glyph(best, c)))
+    shown = "".join(c if has_glyph(best, c) else _readable_ascii(c) for c in text)
+    if not _warned_glyphs:
+        _warned_glyphs = True
+        log.warning("no font found here can draw %r; legends show such characters in ASCII (%r is drawn as %r); "
+                    "install a font that covers them (e.g. fonts-noto-cjk for Chinese, Japanese, Korean)",
+                    missing[:20], text[:40], shown[:60])
+    return best, shown
+
+
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
     l, t, r, b = draw.textbbox((0, 0), text, font=font)
     return r - l, b - t
 
 
 def _truncate(draw: ImageDraw.ImageDraw, text: str, font, max_w: int) -> str:
+    """``text``, or its longest prefix (at least one character) plus "…" that fits in ``max_w`` pixels.
+
+    A binary search over the prefix length: about log2(len(text)) measurements, so that a class name of 10,000
+    characters costs 15 measurements instead of one per character (which took minutes).
+    """
     if _text_size(draw, text, font)[0] <= max_w:
         return text
-    while len(text) > 1 and _text_size(draw, text + "…", font)[0] > max_w:
-        text = text[:-1]
-    return text + "…"
+    lo, hi = 1, len(text) - 1  # text[:lo] + "…" is kept even when it does not fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _text_size(draw, text[:mid] + "…", font)[0] <= max_w:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + "…"
 
 
 # --------------------------------------------------------------------------------------------- masks
@@ -281,7 +421,9 @@ def overlay(
     valid = (mask >= 0) & (mask < k)
     col = colorize(mask, pal).astype(np.float32)
     out = img.astype(np.float32)
-    a = float(np.clip(alpha, 0.0, 1.0))
+    a = float(alpha)
+    if not 0.0 <= a <= 1.0:
+        raise RfclipError(f"overlay opacity must be in 0..1, got {alpha!r}; 0 shows the image only, 1 the colours only")
     out[valid] = (1.0 - a) * out[valid] + a * col[valid]
     bw = max(1, round(min(h, w) / 400))
     edge = _boundaries(np.where(valid, mask, -1), bw)
@@ -308,36 +450,38 @@ def _legend_panel(mask, class_names, pal, h: int, w: int) -> Image.Image | None:
     font_px = int(np.clip(round(min(h, max(w, h) * 0.75) / 26), 12, 96))
     font = get_font(font_px)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = max(_text_size(probe, "Hg%", font)[1], font_px) + max(4, font_px // 2)
     pad = max(6, font_px // 2)
     sw = max(8, round(font_px * 0.9))
-    labels = []
+    labels = []  # (class index, name as drawn, its font, percentage)
     max_text_w = max(4 * font_px, round(0.6 * w))
     for i in present:
         pct = 100.0 * counts[i] / total
         pct_s = f"{pct:.1f}%" if pct >= 0.1 else "<0.1%"
-        name = _truncate(probe, str(class_names[i]), font, max_text_w - _text_size(probe, "  " + pct_s, font)[0])
-        labels.append((i, name, pct_s))
-    name_w = max(_text_size(probe, n, font)[0] for _, n, _ in labels)
-    pct_w = max(_text_size(probe, p, font)[0] for _, _, p in labels)
+        name_font, name = label_font(str(class_names[i]), font_px)  # a font with its glyphs (else ASCII)
+        name = _truncate(probe, name, name_font, max_text_w - _text_size(probe, "  " + pct_s, font)[0])
+        labels.append((i, name, name_font, pct_s))
+    fonts = list(dict.fromkeys([font] + [f for _, _, f, _ in labels]))
+    top_of = {f: probe.textbbox((0, 0), "Hg", font=f)[1] for f in fonts}  # ascent offset of each font
+    text_h = max(_text_size(probe, "Hg", f)[1] for f in fonts)
+    line_h = max(max(_text_size(probe, "Hg%", f)[1] for f in fonts), font_px) + max(4, font_px // 2)
+    name_w = max(_text_size(probe, n, f)[0] for _, n, f, _ in labels)
+    pct_w = max(_text_size(probe, p, font)[0] for _, _, _, p in labels)
     col_w = sw + pad + name_w + pad + pct_w + 2 * pad
     rows_per_col = max(1, (h - 2 * pad) // line_h)
     ncols = math.ceil(len(labels) / rows_per_col)
     panel = Image.new("RGB", (ncols * col_w + pad, h), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
     outline_w = max(1, font_px // 12)
-    text_h = _text_size(probe, "Hg", font)[1]
-    _, text_top, _, _ = draw.textbbox((0, 0), "Hg", font=font)
-    for n, (i, name, pct_s) in enumerate(labels):
+    for n, (i, name, name_font, pct_s) in enumerate(labels):
         cx = pad + (n // rows_per_col) * col_w
         cy = pad + (n % rows_per_col) * line_h
         sy = cy + (line_h - sw) // 2
         draw.rectangle([cx, sy, cx + sw, sy + sw], fill=tuple(int(c) for c in pal[i]), outline=(40, 40, 40),
                        width=outline_w)
-        ty = cy + (line_h - text_h) // 2 - text_top
-        draw.text((cx + sw + pad, ty), name, fill=(20, 20, 20), font=font)
+        ty = cy + (line_h - text_h) // 2
+        draw.text((cx + sw + pad, ty - top_of[name_font]), name, fill=(20, 20, 20), font=name_font)
         pw = _text_size(probe, pct_s, font)[0]
-        draw.text((cx + sw + pad + name_w + pad + pct_w - pw, ty), pct_s, fill=(90, 90, 90), font=font)
+        draw.text((cx + sw + pad + name_w + pad + pct_w - pw, ty - top_of[font]), pct_s, fill=(90, 90, 90), font=font)
     return panel
 
 
@@ -601,3 +745,16 @@ def line_plot(
         timg = timg.rotate(90, expand=True)
         img.paste(timg, (pad, int((top + bottom) / 2 - timg.height / 2)))
     return img.resize((W, H), Image.LANCZOS)
+
+
+def mark_point(img: Image.Image, xy: tuple[float, float]) -> Image.Image:
+    """A copy of ``img`` with a white ring (dark outline) and cross-hair ticks at ``xy`` (pixels): a query point."""
+    img = img.copy()
+    d = ImageDraw.Draw(img)
+    r = max(4, img.width // 40)
+    x, y = xy
+    d.ellipse([x - r - 1, y - r - 1, x + r + 1, y + r + 1], outline=(0, 0, 0), width=3)
+    d.ellipse([x - r, y - r, x + r, y + r], outline=(255, 255, 255), width=2)
+    d.line([x - 2 * r, y, x - r, y], fill=(255, 255, 255), width=2)
+    d.line([x + r, y, x + 2 * r, y], fill=(255, 255, 255), width=2)
+    return img

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from typing import Sequence
@@ -69,6 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the message (it may be replaced after set-up)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _setup_logging(quiet: bool) -> None:
+    """rfclip's notes and warnings (e.g. how an image or a checkpoint was read) as ``rfclip: <message>`` lines on
+    stderr; ``--quiet`` keeps only errors."""
+    logger = logging.getLogger("rfclip")
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("rfclip: %(message)s"))
+        logger.addHandler(handler)
+    handler.setLevel(logging.ERROR if quiet else logging.WARNING)
+    logger.setLevel(logging.WARNING)
+
+
 def _error(message: str) -> None:
     message = " ".join(str(message).split())  # always one line
     print(f"rfclip: error: {message}", file=sys.stderr)
@@ -82,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         debug = debug or getattr(args, "debug", False)
+        _setup_logging(quiet=bool(getattr(args, "quiet", False)))
         run = getattr(args, "_run", None)
         if run is None:
             parser.print_help(sys.stderr)

@@ -8,10 +8,12 @@ CLI never duplicates a default; :func:`inference_options` returns only the optio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import RfclipError
 
@@ -71,6 +73,21 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
 
 
+def _unit_float(text: str) -> float:
+    """A number in 0..1 (NaN is not one)."""
+    value = _float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in 0..1, got '{text}'")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got '{text}'")
+    return value
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
@@ -80,9 +97,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint", metavar="FILE",
                        help="load weights from a local file or folder instead of downloading (OpenAI .pt, open_clip "
                             ".pt/.bin, .safetensors, Hugging Face folder); --model must name its architecture")
-    group.add_argument("--quick-gelu", dest="quick_gelu", action="store_true", default=None,
-                       help="force QuickGELU (OpenAI weights re-saved as plain fp32 state dicts; default: decided "
-                            "from the checkpoint's origin)")
+    group.add_argument("--quick-gelu", dest="quick_gelu", action=argparse.BooleanOptionalAction, default=None,
+                       help="force QuickGELU (OpenAI weights re-saved as plain fp32 state dicts), or GELU with "
+                            "--no-quick-gelu (default: decided from the checkpoint's origin)")
     group.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
 
 
@@ -114,9 +131,9 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slide-crop", type=_non_negative_int, metavar="PX",
                        help="sliding-window crop size (default: 224; 0 = whole image in one forward)")
     group.add_argument("--slide-stride", type=_positive_int, metavar="PX", help="sliding-window stride (default: 112)")
-    group.add_argument("--prob-thd", type=_float, metavar="P",
+    group.add_argument("--prob-thd", type=_unit_float, metavar="P",
                        help="pixels whose best class probability is below P get class 0 (default: 0 = off)")
-    group.add_argument("--logit-scale", type=_float, metavar="S", help="softmax temperature over classes (default: 40)")
+    group.add_argument("--logit-scale", type=_positive_float, metavar="S", help="softmax temperature over classes (default: 40)")
     group.add_argument("--pamr", action="store_true", default=None,
                        help="refine the masks with PAMR (pixel-adaptive mask refinement)")
     group.add_argument("--pad-crops-to", type=_crop_padding, metavar="PX",
@@ -219,6 +236,13 @@ def check_checkpoint_path(path: str | None) -> None:
 def check_output_dir(path: str | os.PathLike) -> Path:
     """Check that ``path`` is, or can be created as, a writable folder; create nothing yet."""
     out = Path(path)
+    try:
+        return _check_output_dir(out)
+    except OSError as err:  # e.g. a name too long for the file system
+        raise RfclipError(f"cannot use output folder {out}: {err.strerror or err}; choose another --out") from None
+
+
+def _check_output_dir(out: Path) -> Path:
     if out.exists():
         if not out.is_dir():
             raise RfclipError(f"output path {out} exists and is not a folder; choose another --out")
@@ -235,6 +259,39 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Create the output folder now, before the model loads (an ``--out`` that passes :func:`check_output_dir`
+    but cannot be created, e.g. a name too long, fails at once), and remove the folders made here again when the
+    command leaves them empty (an error, or nothing written). A folder that existed before is never removed."""
+    out = check_output_dir(path)
+    missing = []
+    probe = out.absolute()
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    created: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+    except OSError as err:
+        _remove_empty(created)
+        raise RfclipError(f"cannot create output folder {out}: {err.strerror or err}; choose another --out") from None
+    try:
+        yield out
+    finally:
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):  # deepest first; stop at the first that holds something
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def build_segmenter(args: argparse.Namespace, **overrides):
     """A Segmenter from the shared options (model, method, plugins, device, inference settings, --option)."""
     from ..segmenter import Segmenter
@@ -245,13 +302,3 @@ def build_segmenter(args: argparse.Namespace, **overrides):
     return Segmenter(args.model, args.pretrained, method=args.method, plugins=tuple(args.plugin or ()),
                      checkpoint=args.checkpoint, device=args.device, quick_gelu=getattr(args, "quick_gelu", None),
                      **options)
-
-
-def describe_model(segmenter, args: argparse.Namespace) -> dict[str, Any]:
-    clip = segmenter.clip
-    return {
-        "name": getattr(clip, "name", args.model),
-        "pretrained": getattr(clip, "pretrained", None),
-        "source": getattr(clip, "source", None),
-        "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None,
-    }

@@ -7,6 +7,7 @@ Both evaluation commands run on several GPUs / nodes when launched with torchrun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -148,6 +149,16 @@ def _segmenter(args, dist_info):
     return common.build_segmenter(run_args)
 
 
+def _output_folder(path: Path, dist_info):
+    """The output folder, created before the model loads and removed if left empty (by the main process only)."""
+    return common.output_folder(path) if dist_info.is_main else contextlib.nullcontext(path)
+
+
+def _progress(args) -> bool:
+    """Progress bars only on a terminal (as ``segment``): redirected logs get no carriage-return noise."""
+    return not args.quiet and sys.stderr.isatty()
+
+
 def _say(dist_info, *lines: str, file=None) -> None:
     if dist_info.is_main:
         for line in lines:
@@ -192,13 +203,13 @@ def run_eval(args) -> int:
     overrides = _overrides(args)
     common.check_checkpoint_path(args.checkpoint)
 
-    with distributed_session(args.device) as dist_info:
+    with distributed_session(args.device) as dist_info, _output_folder(out.parent, dist_info):
         if not args.quiet and sys.stderr.isatty():
             _say(dist_info, f"rfclip: loading {args.checkpoint or f'{args.model} ({args.pretrained})'}, "
                             f"method {args.method} ...", file=sys.stderr)
         segmenter = _segmenter(args, dist_info)
         result = evaluate(segmenter, dataset, limit=args.limit, num_workers=args.num_workers,
-                          images_per_batch=args.images_per_batch, progress=not args.quiet, out=out,
+                          images_per_batch=args.images_per_batch, progress=_progress(args), out=out,
                           overrides=overrides)
         title = dataset.spec.title
         if not args.quiet:
@@ -234,14 +245,14 @@ def run_eval_all(args) -> int:
     overrides = _overrides(args)
     common.check_checkpoint_path(args.checkpoint)
 
-    with distributed_session(args.device) as dist_info:
+    with distributed_session(args.device) as dist_info, _output_folder(out_dir, dist_info):
         for name, reason in missing.items():
             _say(dist_info, f"skipping {DATASETS[name].title}: {reason}", file=sys.stderr)
         segmenter = _segmenter(args, dist_info)
         results = {}
         for name, dataset in datasets.items():
             result = evaluate(segmenter, dataset, limit=args.limit, num_workers=args.num_workers,
-                              images_per_batch=args.images_per_batch, progress=not args.quiet,
+                              images_per_batch=args.images_per_batch, progress=_progress(args),
                               out=out_dir / f"{name}.json", overrides=overrides)
             results[name] = result
             _say(dist_info, f"{dataset.spec.title}: mIoU {result['miou']:.2f}  aAcc {result['aacc']:.2f}  "
@@ -271,7 +282,7 @@ def run_convert(args) -> int:
 
     splits = tuple(args.splits or ("val2017",))
     done = convert_coco_object(args.coco_stuff_root, args.out, splits=splits, check_count=args.check_count,
-                               num_workers=args.num_workers, progress=not args.quiet)
+                               num_workers=args.num_workers, progress=_progress(args))
     out = Path(args.out if args.out is not None else args.coco_stuff_root)
     if not args.quiet:
         for split, n in done.items():

@@ -10,8 +10,9 @@ from . import common
 DESCRIPTION = """\
 Look inside CLIP the way the RF-CLIP paper does. For one image, writes PNGs of: the attention of a query point
 in every layer before and after redistribution, the distraction tokens (red) and defocused tokens (green) per
-layer, the distraction score and the normalized-cut (Fiedler) vector per layer, and the per-dimension mean
-embedding weight with the distraction dimensions marked (Figure 3 style); plus summary.json."""
+layer, the distraction score per layer, the normalized-cut (Fiedler) vector of each layer that redistributes
+(fiedler.png only when some layer finds distraction tokens), and the per-dimension mean embedding weight with the
+distraction dimensions marked (Figure 3 style); plus summary.json."""
 
 EXAMPLES = """\
 examples:
@@ -44,15 +45,20 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..explain import explain
+    from ..explain import check_query_point, explain
     from ..inference import load_image
     from ..text import parse_classes
 
-    image = load_image(args.image)  # fail on a bad image before the model loads
+    # Everything the user typed is checked before the model loads.
+    image = load_image(args.image)
     classes = parse_classes(args.classes) if args.classes is not None else None
+    if args.query is not None:
+        check_query_point(args.query, image.shape[:2])
     out = common.check_output_dir(args.out)
-    segmenter = common.build_segmenter(args)
-    result = explain(segmenter, image, classes=classes, out_dir=out, query_point=args.query, layers=args.layers)
+    common.check_checkpoint_path(args.checkpoint)
+    with common.output_folder(out):  # created now; removed again if the run ends with nothing in it
+        segmenter = common.build_segmenter(args)
+        result = explain(segmenter, image, classes=classes, out_dir=out, query_point=args.query, layers=args.layers)
     if not result.files:
         raise RfclipError("explain wrote no files")
     for path in result.files.values():

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .._io import atomic_open
-from ..errors import RfclipError
-from .. import __version__
-from . import common
+from ..errors import ImageError, RfclipError
+from ..outputs import output_paths, segmentation_record, summary, write_outputs
+from . import _error, common
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -62,8 +57,8 @@ def add_parser(subparsers) -> None:
     cls.add_argument("--classes-file", metavar="FILE", help="a text file with one class per line")
     io.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created if missing)")
     common.add_images_per_batch_option(io)
-    io.add_argument("--overlay-opacity", type=common._float, default=0.5, metavar="A",
-                    help="opacity of the class colours in the overlay (default: 0.5)")
+    io.add_argument("--overlay-opacity", type=common._unit_float, default=0.5, metavar="A",
+                    help="opacity of the class colours in the overlay, 0..1 (default: 0.5)")
     io.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     common.add_model_options(p)
     common.add_method_options(p)
@@ -90,17 +85,6 @@ def read_classes(args) -> list[list[str]]:
     return parse_classes(lines)
 
 
-def check_classes(classes: list[list[str]]) -> list[list[str]]:
-    """Each class's display name (its first synonym) must be unique: outputs are keyed by it."""
-    seen = set()
-    for names in classes:
-        if names[0] in seen:
-            raise RfclipError(f"class '{names[0]}' is listed twice; list each class once "
-                              "(join synonyms with ',', e.g. \"cat,kitty;dog\")")
-        seen.add(names[0])
-    return classes
-
-
 def expand_images(items: list[str]) -> list[Path]:
     """Image paths; a folder stands for the image files directly inside it (sorted)."""
     paths: list[Path] = []
@@ -116,20 +100,25 @@ def expand_images(items: list[str]) -> list[Path]:
     return paths
 
 
-def output_paths(out: Path, image: Path) -> dict[str, Path]:
-    stem = image.stem
-    return {"mask": out / f"{stem}_mask.png", "overlay": out / f"{stem}_overlay.png", "json": out / f"{stem}.json"}
+def validate_images(paths: list[Path], out: Path) -> dict[Path, str]:
+    """Open every image before the model loads and check that the outputs of the readable ones do not collide.
 
+    Returns the images that cannot be read, each with its one-line reason: they are reported and skipped, so that
+    one bad file never costs the others. Colliding outputs are an error for the whole run.
+    """
+    from ..inference import read_image
 
-def validate_images(paths: list[Path], out: Path) -> None:
-    """Open every image (so a bad one fails before the model loads); check that outputs do not collide."""
-    from ..inference import load_image
-
+    unreadable: dict[Path, str] = {}
     for path in paths:
-        load_image(path)  # RfclipError for a missing or unreadable file
+        try:
+            read_image(path)
+        except ImageError as err:
+            unreadable[path] = str(err)
     owners: dict[str, Path] = {}
     inputs = {os.path.realpath(p): p for p in paths}
     for path in paths:
+        if path in unreadable:
+            continue
         for target in output_paths(out, path).values():
             key = os.path.realpath(target)
             if key in owners:
@@ -138,134 +127,92 @@ def validate_images(paths: list[Path], out: Path) -> None:
             if key in inputs:
                 raise RfclipError(f"segmenting {path} would overwrite the input image {inputs[key]}; choose another --out")
             owners[key] = path
+    return unreadable
 
 
-# ---------------------------------------------------------------------------------------------- outputs
-def _staged(target: Path) -> Path:
-    return target.with_name(f".{target.name}.part{os.getpid()}{target.suffix}")
-
-
-def save_mask(path: Path, mask: np.ndarray, num_classes: int) -> None:
-    """A palette PNG for up to 256 classes (pixel value = class index); a 16-bit grey PNG beyond that."""
-    from PIL import Image
-
-    from .. import viz
-
-    if num_classes <= 256:
-        viz.save_mask_png(path, mask, viz.palette(num_classes))
-    else:
-        viz.save_image_atomic(Image.fromarray(mask.astype(np.uint16)), path)
-
-
-def write_outputs(paths: dict[str, Path], image: np.ndarray, seg, record: dict, alpha: float) -> None:
-    """Write the three files of one image: each to a temporary name first, then renamed into place, so that an
-    error leaves no partial file (and no file of this image unless all three were written). Each staged file is
-    itself written through :func:`rfclip._io.atomic_open`, so it is complete, synced and has the usual permissions."""
-    from .. import viz
-
-    n = len(seg.classes)
-    staged = {key: _staged(target) for key, target in paths.items()}
-    try:
-        save_mask(staged["mask"], seg.mask, n)
-        viz.save_image_atomic(viz.overlay(image, seg.mask, seg.classes, alpha=alpha, palette=viz.palette(n)),
-                              staged["overlay"])
-        with atomic_open(staged["json"], "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, default=str)
-            f.write("\n")
-        for key, target in paths.items():
-            os.replace(staged[key], target)
-    except OSError as err:
-        raise RfclipError(f"cannot write outputs to {paths['json'].parent}: {err.strerror or err}; "
-                          "check the free space and permissions of --out") from None
-    finally:
-        for tmp in staged.values():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-
-
-def pixel_fractions(seg) -> list[float]:
-    """Fraction of the image's pixels given to each class (sums to 1; class names are unique, see check_classes)."""
-    from .. import viz
-
-    return list(viz.class_fractions(seg.mask, seg.classes).values())
-
-
-def summary(seg) -> str:
-    """"road 41.2%, sky 22.0%, ..." (classes present, largest first)."""
-    fr = pixel_fractions(seg)
-    order = sorted(range(len(seg.classes)), key=lambda i: -fr[i])
-    return ", ".join(f"{seg.classes[i]} {100 * fr[i]:.1f}%" for i in order if fr[i] > 0)
-
-
-def build_record(path: Path, seg, segmenter, args, files: dict[str, Path], seconds: float) -> dict:
-    fractions = pixel_fractions(seg)
-    height, width = seg.mask.shape
-    mask_format = "palette PNG, pixel value = class index" if len(seg.classes) <= 256 else "16-bit grey PNG, pixel value = class index"
-    return {
-        "image": str(path),
-        "image_size": {"width": int(width), "height": int(height)},
-        "classes": [
-            {"index": i, "name": name, "synonyms": list(syn), "fraction": fractions[i]}
-            for i, (name, syn) in enumerate(zip(seg.classes, seg.synonyms))
-        ],
-        "fractions": {name: fractions[i] for i, name in enumerate(seg.classes)},
-        "outputs": {"mask": files["mask"].name, "overlay": files["overlay"].name, "mask_format": mask_format},
-        "method": segmenter.method_name,
-        "method_options": segmenter.method.options(),
-        "model": common.describe_model(segmenter, args),
-        "device": str(segmenter.device),
-        "precision": {"asked": segmenter.config.precision,
-                      "used": str(segmenter.amp_dtype).replace("torch.", "") if segmenter.amp_dtype else "float32"},
-        "settings": dataclasses.asdict(segmenter.config),
-        "seconds": round(seconds, 3),
-        "rfclip_version": __version__,
-    }
+def report_skipped(message: str) -> None:
+    """One line on stderr for an image that is skipped (the run goes on, and exits with status 2 at the end)."""
+    _error(f"{message} (skipped)")
 
 
 # ---------------------------------------------------------------------------------------------- run
 def run(args) -> int:
-    from ..inference import load_image
+    classes, out, images, skipped = check_inputs(args)
+    with common.output_folder(out):  # created now; removed again if the run ends with nothing in it
+        if not args.quiet and sys.stderr.isatty():
+            src = args.checkpoint or f"{args.model} ({args.pretrained})"
+            print(f"rfclip: loading {src}, method {args.method} ...", file=sys.stderr, flush=True)
+        segmenter = common.build_segmenter(args)
+        text = segmenter.encode_classes(classes)
+        written, failed = segment_images(args, segmenter, text, images, out)
+        if not args.quiet and written:
+            print(f"wrote {3 * written} files to {out}/ ({written} image{'s' if written != 1 else ''}: "
+                  "<name>_mask.png class indices, <name>_overlay.png picture with legend, <name>.json classes "
+                  "and fractions)")
+    if skipped + failed:
+        raise RfclipError(f"{skipped + failed} of {len(images) + skipped} images could not be read and were skipped "
+                          "(see above); fix or remove them and segment them again")
+    return 0
 
-    # Everything the user typed is checked before the model loads.
-    classes = check_classes(read_classes(args))
+
+def check_inputs(args) -> tuple[list[list[str]], Path, list[Path], int]:
+    """Everything the user typed, checked before the model loads: ``(classes, output folder, readable images,
+    number of unreadable images)``. Unreadable images are reported here, one line each; when no image is
+    readable that is the error."""
+    classes = read_classes(args)  # parse_classes refuses empty lists and duplicate names
     out = common.check_output_dir(args.out)
     images = expand_images(args.images)
-    validate_images(images, out)
+    unreadable = validate_images(images, out)
     common.check_checkpoint_path(args.checkpoint)
-    quiet = args.quiet
-    interactive = not quiet and sys.stderr.isatty()
+    if len(unreadable) == len(images):  # nothing to do: one line
+        first = next(iter(unreadable.values()))
+        raise RfclipError(first if len(images) == 1 else f"none of the {len(images)} images can be read "
+                                                         f"(the first: {first})")
+    for message in unreadable.values():
+        report_skipped(message)
+    return classes, out, [p for p in images if p not in unreadable], len(unreadable)
 
-    if interactive:
-        src = args.checkpoint or f"{args.model} ({args.pretrained})"
-        print(f"rfclip: loading {src}, method {args.method} ...", file=sys.stderr, flush=True)
-    segmenter = common.build_segmenter(args)
-    text = segmenter.encode_classes(classes)
 
+def segment_images(args, segmenter, text, images: list[Path], out: Path) -> tuple[int, int]:
+    """Segment ``images`` ``--images-per-batch`` at a time and write their outputs. Returns ``(written, failed)``:
+    an image that cannot be read now (changed since the check) is reported and skipped."""
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(images), unit="img", file=sys.stderr, disable=not interactive, leave=False)
+    from ..inference import read_image
+
+    quiet = args.quiet
+    noted: set[str] = set()  # input conversions already announced (once per kind, not per image)
+    written = failed = 0
+    bar = tqdm(total=len(images), unit="img", file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=False)
     try:
         per = args.images_per_batch
         for start in range(0, len(images), per):
-            group = images[start:start + per]
             t0 = time.perf_counter()
-            arrays = [load_image(p) for p in group]
-            results = segmenter.segment_batch(arrays, text, return_probs=False)
-            seconds = (time.perf_counter() - t0) / len(group)
-            for path, arr, seg in zip(group, arrays, results):
+            loaded = []
+            for path in images[start:start + per]:
+                try:
+                    loaded.append((path, *read_image(path)))
+                except ImageError as err:
+                    report_skipped(str(err))
+                    failed += 1
+                    bar.update(1)
+            if not loaded:
+                continue
+            results = segmenter.segment_batch([arr for _, arr, _ in loaded], text, return_probs=False)
+            seconds = (time.perf_counter() - t0) / len(loaded)
+            for (path, arr, conversion), seg in zip(loaded, results):
                 files = output_paths(out, path)
-                record = build_record(path, seg, segmenter, args, files, seconds)
+                record = segmentation_record(path, seg, segmenter, files, seconds, checkpoint=args.checkpoint)
+                record["input_conversion"] = conversion
                 write_outputs(files, arr, seg, record, args.overlay_opacity)
+                written += 1
+                if conversion and conversion not in noted and not quiet:
+                    noted.add(conversion)
+                    bar.write(f"rfclip: note: {path} is {conversion} (recorded as input_conversion in its JSON)",
+                              file=sys.stderr)
                 if not quiet:
                     bar.write(f"{path}: {summary(seg)} -> {files['overlay']}", file=sys.stdout)
                 bar.update(1)
     finally:
         bar.close()
-    if not quiet:
-        n = len(images)
-        print(f"wrote {3 * n} files to {out}/ ({n} image{'s' if n != 1 else ''}: <name>_mask.png class indices, "
-              "<name>_overlay.png picture with legend, <name>.json classes and fractions)")
-    return 0
+    return written, failed

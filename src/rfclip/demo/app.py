@@ -304,9 +304,9 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                             gr.Markdown(f"**{title}.** {caption}", elem_classes=["rf-figure-title"])
                             in_figures.append(gr.Image(show_label=False, interactive=False, elem_id=f"inside-{key}",
                                                        format="png", buttons=["download", "fullscreen"]))
-        gr.Markdown(f"Requests run one at a time on the model; CPU inference takes seconds. Text embeddings are "
-                    f"cached. Command line: `rfclip segment IMAGE --classes \"...\" --out DIR` writes the same files. "
-                    f"With random or unusual weights the masks mean nothing; the mechanics still show.")
+        gr.Markdown("Requests run one at a time on the model; CPU inference takes seconds. Text embeddings are "
+                    "cached. Command line: `rfclip segment IMAGE --classes \"...\" --out DIR` writes the same files. "
+                    "With random or unusual weights the masks mean nothing; the mechanics still show.")
 
         knobs = [pamr, prob_thd, short_side, slide_crop, slide_stride, options]
 

@@ -9,7 +9,6 @@ Every problem the user can fix is an :class:`rfclip.errors.RfclipError` in the w
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -228,9 +227,6 @@ class ModelInfo:
     checkpoint: str | None = None
     device: str = ""
 
-    def args(self) -> argparse.Namespace:  # what rfclip.cli.common.describe_model reads
-        return argparse.Namespace(model=self.model, pretrained=self.pretrained, checkpoint=self.checkpoint)
-
     def label(self) -> str:
         src = f"checkpoint {os.path.basename(self.checkpoint)}" if self.checkpoint else f"pretrained '{self.pretrained}'"
         return f"{self.model} ({src})"
@@ -305,17 +301,16 @@ class DemoEngine:
 
     @staticmethod
     def _classes(text: str | None):
-        from ..cli.segment import check_classes
         from ..text import parse_classes
 
-        return check_classes(parse_classes(text or ""))
+        return parse_classes(text or "")
 
     # ------------------------------------------------------------------ views
     def segment(self, image_path, classes: str, method: str, settings: Settings,
                 progress: Progress = _no_progress) -> SegmentResult:
         """Segment the uploaded image; write the three files `rfclip segment` writes (mask PNG, overlay, JSON)."""
         from .. import viz
-        from ..cli.segment import build_record, output_paths, write_outputs
+        from ..outputs import output_paths, segmentation_record, write_outputs
 
         self._check_ready()
         progress(0.05, "reading the image")
@@ -335,7 +330,7 @@ class DemoEngine:
         seg.probs = None
         name = Path(os.path.basename(os.fspath(image_path)))
         paths = output_paths(self._request_dir(), name)
-        record = build_record(name, seg, seg_er, self.info.args(), paths, seconds)
+        record = segmentation_record(name, seg, seg_er, paths, seconds, checkpoint=self.info.checkpoint)
         write_outputs(paths, image, seg, record, alpha=0.5)
         n = len(seg.classes)
         picture = viz.overlay(image, seg.mask, seg.classes, alpha=0.5, palette=viz.palette(n), legend=False)
@@ -380,7 +375,8 @@ class DemoEngine:
                     settings: Settings, progress: Progress = _no_progress) -> InsideResult:
         """RF-CLIP's diagnostics for the clicked point (``(x, y)`` in image pixels; None = the centre): the
         pictures `rfclip explain` draws, from :func:`rfclip.explain.explain_figures`."""
-        from ..explain import _mark, explain_figures
+        from .. import viz
+        from ..explain import explain_figures
 
         self._check_ready()
         progress(0.05, "reading the image")
@@ -393,7 +389,7 @@ class DemoEngine:
             result = explain_figures(seg_er, image, classes=None, query_point=point, layers=chosen)
             seconds = time.perf_counter() - t0
         qx, qy = result.summary["query_point"]
-        return InsideResult(clicked=_mark(Image.fromarray(image), (qx, qy)), figures=result.figures,
+        return InsideResult(clicked=viz.mark_point(Image.fromarray(image), (qx, qy)), figures=result.figures,
                             summary=result.summary, method=seg_er.method_name, seconds=seconds)
 
     # ------------------------------------------------------------------ helpers

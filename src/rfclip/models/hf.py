@@ -151,12 +151,35 @@ def open_clip_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _merged(config: dict, key: str, defaults: dict) -> dict:
+def _merged(config: dict, key: str, defaults: dict, where: str) -> dict:
     merged = dict(defaults)
-    merged.update({k: v for k, v in (config.get(key) or {}).items() if v is not None})
     # Old transformers configs carry *_config_dict next to *_config; transformers lets it win.
-    merged.update({k: v for k, v in (config.get(key + "_dict") or {}).items() if v is not None})
+    for section in (key, key + "_dict"):
+        value = config.get(section) or {}
+        if not isinstance(value, dict):
+            raise RfclipError(f"{where}/config.json: {section} is a {type(value).__name__}, not an object; "
+                              "the file is damaged, download the folder again")
+        merged.update({k: v for k, v in value.items() if v is not None})
     return merged
+
+
+def _whole(section: dict, key: str, name: str, where: str) -> int:
+    """``section[key]`` as a positive int (JSON may hold 16.0); a one-line error naming the field otherwise."""
+    value = section[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RfclipError(f"{where}/config.json: {name}.{key} is {value!r}, not a positive whole number; the file "
+                          "is damaged or not a CLIP config, download the folder again")
+    return value
+
+
+def _positive(section: dict, key: str, name: str, where: str) -> float:
+    value = section[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise RfclipError(f"{where}/config.json: {name}.{key} is {value!r}, not a positive number; the file is "
+                          "damaged or not a CLIP config, download the folder again")
+    return float(value)
 
 
 def open_clip_cfg_from_hf_config(config: dict, where: str) -> tuple[dict, bool]:
@@ -165,30 +188,37 @@ def open_clip_cfg_from_hf_config(config: dict, where: str) -> tuple[dict, bool]:
     if model_type != "clip":
         raise RfclipError(f"{where} is a Hugging Face '{model_type}' model, not CLIP; rfclip loads "
                           f"transformers CLIPModel folders (model_type 'clip') only")
-    text = _merged(config, "text_config", _TEXT_DEFAULTS)
-    vision = _merged(config, "vision_config", _VISION_DEFAULTS)
-    acts = {text["hidden_act"], vision["hidden_act"]}
+    text = _merged(config, "text_config", _TEXT_DEFAULTS, where)
+    vision = _merged(config, "vision_config", _VISION_DEFAULTS, where)
+    acts = {str(text["hidden_act"]), str(vision["hidden_act"])}
     if not acts <= {"quick_gelu", "gelu"} or len(acts) != 1:
         raise RfclipError(f"{where} uses activations {sorted(acts)}; rfclip supports CLIP models with "
                           f"quick_gelu or gelu in both towers")
     quick_gelu = acts == {"quick_gelu"}
-    if vision.get("num_channels", 3) != 3:
-        raise RfclipError(f"{where} has a {vision['num_channels']}-channel image encoder; rfclip needs RGB (3)")
-    vw, vh = int(vision["hidden_size"]), int(vision["num_attention_heads"])
-    tw, th = int(text["hidden_size"]), int(text["num_attention_heads"])
+    v = {k: _whole(vision, k, "vision_config", where) for k in
+         ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "patch_size", "image_size",
+          "num_channels")}
+    t = {k: _whole(text, k, "text_config", where) for k in
+         ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
+          "vocab_size")}
+    if v["num_channels"] != 3:
+        raise RfclipError(f"{where} has a {v['num_channels']}-channel image encoder; rfclip needs RGB (3)")
+    vw, vh = v["hidden_size"], v["num_attention_heads"]
+    tw, th = t["hidden_size"], t["num_attention_heads"]
     if vw % vh or tw % th:
         raise RfclipError(f"{where} has a hidden size not divisible by its number of heads; the config is invalid")
-    vision_cfg = dict(layers=int(vision["num_hidden_layers"]), width=vw, head_width=vw // vh,
-                      mlp_ratio=vision["intermediate_size"] / vw, patch_size=int(vision["patch_size"]),
-                      image_size=int(vision["image_size"]))
-    text_cfg = dict(context_length=int(text["max_position_embeddings"]), vocab_size=int(text["vocab_size"]),
-                    width=tw, heads=th, layers=int(text["num_hidden_layers"]),
-                    mlp_ratio=text["intermediate_size"] / tw)
-    if float(vision["layer_norm_eps"]) != 1e-5:
-        vision_cfg["norm_kwargs"] = {"eps": float(vision["layer_norm_eps"])}
-    if float(text["layer_norm_eps"]) != 1e-5:
-        text_cfg["norm_kwargs"] = {"eps": float(text["layer_norm_eps"])}
-    embed_dim = int(config.get("projection_dim") or text.get("projection_dim") or 512)
+    vision_cfg = dict(layers=v["num_hidden_layers"], width=vw, head_width=vw // vh,
+                      mlp_ratio=v["intermediate_size"] / vw, patch_size=v["patch_size"], image_size=v["image_size"])
+    text_cfg = dict(context_length=t["max_position_embeddings"], vocab_size=t["vocab_size"],
+                    width=tw, heads=th, layers=t["num_hidden_layers"], mlp_ratio=t["intermediate_size"] / tw)
+    vision_eps = _positive(vision, "layer_norm_eps", "vision_config", where)
+    text_eps = _positive(text, "layer_norm_eps", "text_config", where)
+    if vision_eps != 1e-5:
+        vision_cfg["norm_kwargs"] = {"eps": vision_eps}
+    if text_eps != 1e-5:
+        text_cfg["norm_kwargs"] = {"eps": text_eps}
+    projection = {"projection_dim": config.get("projection_dim") or text.get("projection_dim") or 512}
+    embed_dim = _whole(projection, "projection_dim", "config", where)
     return dict(embed_dim=embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg), quick_gelu
 
 

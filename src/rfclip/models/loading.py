@@ -42,13 +42,13 @@ import json
 import logging
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 import rfclip.models.hf as _hf
 import rfclip.models.hub as _hub
@@ -90,6 +90,10 @@ class ClipModel:
         ``random|...|seed=N`` for random models.
         """
         return self.weights_id or f"{self.name}|{self.source}|{'quickgelu' if self.quick_gelu else 'gelu'}"
+
+    def describe(self) -> dict[str, Any]:
+        """Name, tag, source and activation, for result files."""
+        return {"name": self.name, "pretrained": self.pretrained, "source": self.source, "quick_gelu": self.quick_gelu}
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,6 +212,19 @@ def _pick_name(cfg: dict, requested: str) -> tuple[str, dict]:
     return name, open_clip.get_model_config(name)
 
 
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def _looks_like_weights_file(text: str) -> bool:
+    return text.lower().endswith(_WEIGHT_SUFFIXES) or os.path.exists(os.path.expanduser(text))
+
+
+def _builtin_cfg(name: str) -> dict | None:
+    import open_clip
+
+    return open_clip.get_model_config(name)
+
+
 def _named_cfg(name: str) -> dict:
     import open_clip
 
@@ -268,6 +285,8 @@ def _build(cfg: dict, quick_gelu: bool, what: str, empty: bool = False):
     from open_clip.model import CLIP
     from open_clip.transformer import VisionTransformer
 
+    from rfclip.dense import attention_problem
+
     cfg = copy.deepcopy(cfg)
     _require_vit(cfg, what)
     cfg.pop("quick_gelu", None)
@@ -281,9 +300,11 @@ def _build(cfg: dict, quick_gelu: bool, what: str, empty: bool = False):
     except (TypeError, ValueError, AssertionError, KeyError) as e:
         raise RfclipError(f"cannot build {what} from its config ({_one_line(e)}); {_SUGGEST}") from None
     visual = model.visual
-    if not isinstance(visual, VisionTransformer) or not isinstance(
-            visual.transformer.resblocks[0].attn, nn.MultiheadAttention):
+    if not isinstance(visual, VisionTransformer):
         raise RfclipError(f"rfclip needs a ViT image encoder, but {what} built a {type(visual).__name__}; {_SUGGEST}")
+    problem = attention_problem(visual)  # by the attributes the dense forward uses, not by class
+    if problem:
+        raise RfclipError(f"rfclip cannot run the image encoder of {what} ({problem}); {_SUGGEST}")
     return model
 
 
@@ -362,7 +383,9 @@ def _read(path: Path, kind: str) -> Any:
             raise RfclipError(f"checkpoint {path} is a safetensors file that cannot be read "
                               f"({_one_line(e)}); {_FIX_REDOWNLOAD}") from None
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on odd pickles would come before rfclip's one-line verdict
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             raise RfclipError(f"checkpoint {path} contains pickled Python objects besides tensors, which rfclip "
@@ -447,6 +470,10 @@ def _load_into(model, sd: dict, where: str, what: str, fix: str) -> None:
     bad = [k for k, v in sd.items() if not v.is_floating_point()]
     if bad:
         raise RfclipError(f"{where} stores {bad[0]} as {sd[bad[0]].dtype}, not floating point; {_FIX_FORMAT}")
+    nonfinite = next((k for k, v in sd.items() if not bool(torch.isfinite(v).all())), None)
+    if nonfinite is not None:  # every pixel would silently become class 0
+        raise RfclipError(f"{where} holds NaN or infinite weights (first in {nonfinite}); these weights cannot be "
+                          f"used (a diverged training run or a damaged file), {_FIX_REDOWNLOAD} or use another one")
     # The model is built on the meta device (_build(empty=True)): take the file's tensors as they are,
     # cast to fp32, then rebuild the non-persistent buffers (open_clip's CLIP has one: the text
     # tower's causal attention mask).
@@ -476,6 +503,11 @@ class _Loaded:
     source: str
     quick_gelu: bool
     weights_id: str
+    why: str = ""  # why this activation (logged on load)
+
+
+def _forced(quick_gelu: bool | None) -> str | None:
+    return None if quick_gelu is None else f"quick_gelu={quick_gelu} was given"
 
 
 def _load_state_dict_file(path: Path, requested: str, quick_gelu: bool | None) -> _Loaded:
@@ -510,7 +542,20 @@ def _load_state_dict_file(path: Path, requested: str, quick_gelu: bool | None) -
     model = _build(cfg, qg, f"model {name}", empty=True)
     _load_into(model, sd, str(path), what, fix)
     _set_preprocess(model)
-    return _Loaded(model, name, source, qg, f"{name}|{_act(qg)}|{source.split(':', 1)[0]}|{_stamp([path])}")
+    if not openai and quick_gelu is None and not wrapped:
+        # A bare fp32 state dict in this key layout may be open_clip's or OpenAI weights re-saved: the file
+        # cannot tell, and OpenAI weights run with GELU differ from the reference by ~5e-3 per pixel.
+        if qg:
+            log.warning("%s is a plain fp32 state dict, which does not say which activation its model was "
+                        "trained with: using QuickGELU, as the model name %s says; if it was trained with GELU, "
+                        "pass --no-quick-gelu (quick_gelu=False in Python)", path, requested)
+        else:
+            log.warning("%s is a plain fp32 state dict, which does not say which activation its model was "
+                        "trained with: using GELU, as open_clip's %s config says; if these are OpenAI weights "
+                        "(which need QuickGELU) re-saved, pass --quick-gelu (quick_gelu=True in Python); "
+                        "--no-quick-gelu (quick_gelu=False) confirms GELU and silences this note", path, requested)
+    why = _forced(quick_gelu) or ("OpenAI weights use QuickGELU" if openai else f"open_clip's {name} config")
+    return _Loaded(model, name, source, qg, f"{name}|{_act(qg)}|{source.split(':', 1)[0]}|{_stamp([path])}", why)
 
 
 def _snapshot(path: Path) -> Path:
@@ -587,7 +632,8 @@ def _load_hf_dir(folder: Path, requested: str, quick_gelu: bool | None,
     _load_into(model, sd, where, f"the model described by {config_path}",
                "config.json does not describe these weights; download the folder again")
     _set_preprocess(model)
-    return _Loaded(model, name, f"hf:{folder}", qg, f"{name}|{_act(qg)}|hf|{_stamp([config_path, *weights])}")
+    return _Loaded(model, name, f"hf:{folder}", qg, f"{name}|{_act(qg)}|hf|{_stamp([config_path, *weights])}",
+                   _forced(quick_gelu) or "hidden_act in config.json")
 
 
 def _load_open_clip_dir(folder: Path, requested: str, quick_gelu: bool | None) -> _Loaded | None:
@@ -609,7 +655,8 @@ def _load_open_clip_dir(folder: Path, requested: str, quick_gelu: bool | None) -
                "open_clip_config.json does not describe these weights; download the folder again")
     _set_preprocess(model, data.get("preprocess_cfg"))
     source = f"open_clip-checkpoint:{folder}"
-    return _Loaded(model, name, source, qg, f"{name}|{_act(qg)}|open_clip|{_stamp([config_path, weights])}")
+    return _Loaded(model, name, source, qg, f"{name}|{_act(qg)}|open_clip|{_stamp([config_path, weights])}",
+                   _forced(quick_gelu) or "quick_gelu in open_clip_config.json")
 
 
 def _load_path(path: Path, requested: str, quick_gelu: bool | None) -> _Loaded:
@@ -645,7 +692,8 @@ def _load_tag(name: str, tag: str, cache_dir, quick_gelu: bool | None) -> _Loade
     _load_into(model, sd, str(path), f"model {name}",
                "the cached download does not match its tag; delete it so it is downloaded again")
     _set_preprocess(model, pcfg)
-    return _Loaded(model, name, f"open_clip:{tag}", qg, f"{name}|{tag}|{_act(qg)}")
+    return _Loaded(model, name, f"open_clip:{tag}", qg, f"{name}|{tag}|{_act(qg)}",
+                   _forced(quick_gelu) or f"open_clip's pretrained config for {name} {tag}")
 
 
 def load_clip(model: str = "ViT-B-16", pretrained: str | None = "openai",
@@ -669,7 +717,12 @@ def load_clip(model: str = "ViT-B-16", pretrained: str | None = "openai",
         RfclipError: any other problem with the inputs, in one line.
     """
     dev = parse_device(device) or torch.device("cpu")
-    name = str(model).replace("/", "-")
+    raw = os.fspath(model) if isinstance(model, os.PathLike) else str(model)
+    name = raw.replace("/", "-")
+    if _looks_like_weights_file(raw) and _builtin_cfg(name) is None:
+        raise RfclipError(f"model {raw!r} is a weights file, not an open_clip model name; pass the file as "
+                          f"checkpoint={raw!r} (--checkpoint on the command line) and its architecture as the model, "
+                          f"e.g. Segmenter('ViT-B-16', checkpoint={raw!r})")
     if checkpoint is not None:
         loaded = _load_path(Path(os.fspath(checkpoint)).expanduser(), name, quick_gelu)
         tag = None
@@ -679,6 +732,8 @@ def load_clip(model: str = "ViT-B-16", pretrained: str | None = "openai",
     else:
         raise RfclipError("no weights given: pass a pretrained tag (e.g. openai) or --checkpoint FILE")
     model_ = _finish(loaded.model, dev)
+    log.info("loaded %s (%s) with %s: %s", loaded.name, loaded.source, "QuickGELU" if loaded.quick_gelu else "GELU",
+             loaded.why)
     return ClipModel(model=model_, tokenizer=_tokenizer(model_.context_length), name=loaded.name, pretrained=tag,
                      source=loaded.source, quick_gelu=loaded.quick_gelu, weights_id=loaded.weights_id)
 
