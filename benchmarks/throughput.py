@@ -293,7 +293,7 @@ def reference_segment(seg: Segmenter, image: np.ndarray, text: TextQueries) -> n
             x1 = max(x2 - w_crop, 0)
             crop_img = img[:, :, y1:y2, x1:x2]
             # forward_feature: image features -> cosine logits -> (1, Q, h, w) -> bilinear to the crop size
-            features, (gh, gw) = seg.encoder(crop_img, seg.method, text_features=query_features if needs_text else None)
+            features, (gh, gw), _ = seg.encoder(crop_img, seg.method, text_features=query_features if needs_text else None)
             logits = features @ query_features.T
             logits = logits.permute(0, 2, 1).reshape(-1, num_queries, gh, gw)
             crop_seg_logit = F.interpolate(logits, size=crop_img.shape[-2:], mode="bilinear")
