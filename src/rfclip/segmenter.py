@@ -19,6 +19,12 @@ from .text import ClassSpec, TextClassifier, TextQueries
 DEFAULT_METHOD = "rfclip"
 
 
+def method_precision(precision: str, method) -> str:
+    """``precision="auto"`` means the method's own default where it has one (``rfclip_release``: fp32)."""
+    default = getattr(method, "default_precision", None)
+    return default if default and str(precision).lower() == "auto" else precision
+
+
 @dataclass
 class Segmentation:
     """The result for one image, at its original resolution."""
@@ -62,8 +68,8 @@ class Segmenter:
                 f"inference takes: {', '.join(sorted(config_names))}"
             )
         self.config = InferenceConfig(**{k: v for k, v in options.items() if k in config_names})
-        self.amp_dtype = autocast_dtype(self.device, self.config.precision)
         self.method = build_method(method, plugins, **{k: v for k, v in options.items() if k in method_names})
+        self.amp_dtype = autocast_dtype(self.device, method_precision(self.config.precision, self.method))
         self.method_name = method if not plugins else "+".join([method, *plugins])
 
         if isinstance(model, str):
@@ -88,7 +94,7 @@ class Segmenter:
         clone = object.__new__(Segmenter)
         clone.__dict__.update(self.__dict__)
         clone.config = replace(self.config, **changes)
-        clone.amp_dtype = autocast_dtype(self.device, clone.config.precision)
+        clone.amp_dtype = autocast_dtype(self.device, method_precision(clone.config.precision, clone.method))
         return clone
 
     def forward_encoder(self):
