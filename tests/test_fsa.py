@@ -122,6 +122,60 @@ def test_nucleus_pruning_matches_loop():
     assert nucleus_mask(row).tolist() == [[[True, False, False]]]
 
 
+def official_sparse_atten_fp64(similarity):
+    """FSA's SparseAtten (sort descending, softmax of the sorted row, cumsum <= 0.45, first kept, back to the keys),
+    in fp64, the sort stable so that ties go in key order."""
+    srt, idx = torch.sort(similarity.double(), descending=True, dim=-1, stable=True)
+    keep = torch.softmax(srt, dim=-1).cumsum(-1) <= 0.45
+    keep[..., 0] = True
+    return torch.zeros_like(keep).scatter_(-1, idx, keep)
+
+
+def test_nucleus_ties_at_the_boundary():
+    """Hand-built rows where the 45 % boundary falls inside a group of equal similarities. Sorted cumulative masses
+    (exp-weights over the row): row 0: .185 .336 | .487: the boundary splits the three 0.8s after the first, so the
+    official rule keeps 2 keys (1 and the lowest-index 0.8, key 2), not all keys equal to the last kept one. Row 1:
+    key 6 is 1e-12 above the other 0.8s and goes first (fp32 would merge it with them). Row 2: three exact 1.0s
+    (KL clamped at 0), .191 .381 | .572: two of them."""
+    S = torch.tensor([[0.5, 1.0, 0.8, 0.3, 0.8, 0.2, 0.8, 0.1],
+                      [0.5, 1.0, 0.8, 0.3, 0.8, 0.2, 0.8 + 1e-12, 0.1],
+                      [1.0, 0.2, 1.0, 0.2, 1.0, 0.2, 0.2, 0.2]], dtype=torch.float64)
+    want = torch.tensor([[0, 1, 1, 0, 0, 0, 0, 0],
+                         [0, 1, 0, 0, 0, 0, 1, 0],
+                         [1, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(nucleus_mask(S), want)
+    assert torch.equal(nucleus_mask(S[None]), want[None])  # batched
+    assert torch.equal(official_sparse_atten_fp64(S), want)
+    for i in range(3):
+        assert set(torch.nonzero(want[i]).flatten().tolist()) == nucleus_loop(S[i])
+    # the kept count is the official prefix length: 2 per row, never the whole tie group
+    assert nucleus_mask(S).sum(-1).tolist() == [2, 2, 2]
+    assert torch.equal(nucleus_mask(S.float())[1], want[0])  # fp32 merges row 1's near-tie
+
+
+def test_pruning_of_an_ill_conditioned_case_is_the_official_rule_in_fp64():
+    """Near-parallel text embeddings: the patches' class distributions are nearly alike, KLs are ~1e-3 and the
+    similarities crowd below 1. The feedback attention keeps exactly the keys the official formulas keep in fp64
+    (broadcast KL, 1 / (1 + KL), SparseAtten); in fp32 some near-ties come out the other way."""
+    g = torch.Generator().manual_seed(0)
+    N, Q, D = 196, 20, 64
+    base = F.normalize(torch.randn(D, generator=g), dim=0)
+    text = F.normalize(base + 1e-3 * torch.randn(Q, D, generator=g), dim=-1)
+    feats = F.normalize(torch.randn(2, N, D, generator=g), dim=-1)
+    uni = F.normalize(torch.randn(2, D, generator=g), dim=-1)
+    logp = isolated_log_probs(feats, uni, text)  # fp64
+    p = logp.exp()
+    kl = (p.unsqueeze(2) * (logp.unsqueeze(2) - logp.unsqueeze(1))).sum(-1).clamp(min=0)  # official kl_divergence
+    sim = 1 / (kl + 1.0)
+    want = official_sparse_atten_fp64(sim)
+    a_fb, kept = feedback_from_log_probs(logp, lam=3.0, block_elements=2 * 50 * N)  # several row blocks
+    assert a_fb.dtype == torch.float32
+    assert torch.equal(a_fb > 0, want)
+    torch.testing.assert_close(kept, want.double().mean(dim=(1, 2)).float())
+    a32, _ = feedback_from_log_probs(logp.float(), lam=3.0)
+    assert (a32 > 0).ne(want).sum() > 0  # the case is ill-conditioned: fp32 loses some of these decisions
+
+
 def test_feedback_attention_matches_reference():
     torch.manual_seed(2)
     logp = torch.log_softmax(torch.randn(3, 12, 5) * 2, dim=-1)
@@ -155,8 +209,10 @@ def test_isolated_log_probs_definition():
     f = F.normalize(torch.randn(2, 5, 8), dim=-1)
     u = F.normalize(torch.randn(2, 8), dim=-1)
     t = F.normalize(torch.randn(4, 8), dim=-1)
-    want = torch.log_softmax(20 * f @ t.T - 35 * (u @ t.T)[:, None], dim=-1)
-    torch.testing.assert_close(isolated_log_probs(f, u, t), want)
+    f64, u64, t64 = f.double(), u.double(), t.double()
+    want = torch.log_softmax(20 * f64 @ t64.T - 35 * (u64 @ t64.T)[:, None], dim=-1)
+    torch.testing.assert_close(isolated_log_probs(f, u, t), want, atol=1e-12, rtol=1e-12)  # fp64 by default
+    torch.testing.assert_close(isolated_log_probs(f, u, t, dtype=torch.float32), want.float())
 
 
 # ------------------------------------------------------------------------------------------------ inside the forward
@@ -214,7 +270,8 @@ def test_fsa_last_block_against_independent_computation(tiny_clip, base, monkeyp
         U = torch.full((1, T - 1), c / (T - 1))  # uniform over the patch tokens (row sum of the base)
         f_uni = phi(out(U.expand(H, 1, T - 1), vb[:, 1:]))[0]
         logp = torch.log_softmax(20 * f_patch @ text.T - 35 * f_uni @ text.T, dim=-1)
-        torch.testing.assert_close(seen_logp["lp"][b], logp, atol=2e-5, rtol=1e-4)
+        assert seen_logp["lp"].dtype == torch.float64
+        torch.testing.assert_close(seen_logp["lp"][b].float(), logp, atol=2e-5, rtol=1e-4)
         a_fb = reference_feedback(logp, FSA_LAMBDA["default"])
         want = reference_ensemble(a_fb, Ab, True, c)
         torch.testing.assert_close(method.seen["final"].weights[b], want, atol=1e-4, rtol=1e-3)
@@ -300,7 +357,7 @@ def test_low_precision_underflow_gives_no_nan(dtype):
     u = (torch.randn(B, D) * 20).to(dtype)
     t = torch.randn(Q, D).to(dtype)
     logp = isolated_log_probs(f, u, t)
-    assert logp.dtype == torch.float32 and torch.isfinite(logp).all()
+    assert logp.dtype == torch.float64 and torch.isfinite(logp).all()
     assert (logp.exp() == 0).any()  # some probabilities really underflow
     a_fb, kept = feedback_from_log_probs(logp.to(dtype), 3.0)
     assert torch.isfinite(a_fb).all() and torch.isfinite(kept).all()

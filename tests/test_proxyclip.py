@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ from rfclip.errors import RfclipError, WeightsNotFoundError
 from rfclip.methods import build_method
 from rfclip.methods.proxyclip import ProxyCLIP, proxy_attention, upsample_values
 from rfclip.models import vfm as vfm_mod
+from rfclip.models.pos_embed import POSITION_RULES, resample_patch_pos_embed
 from rfclip.models.vfm import VisionFoundationModel, load_vfm, resolve_vfm_name
 from rfclip.segmenter import Segmenter
 
@@ -134,6 +136,96 @@ def test_aliases():
     assert ProxyCLIP(vfm="mae").vfm_kind == "mae" and ProxyCLIP().vfm_kind == "dino"
 
 
+# ------------------------------------------------------------------------------------------------ positions
+def vfm_input(x):
+    """CLIP-normalised crops -> ImageNet-normalised (ProxyCLIP's UnNormalize + Normalize)."""
+    raw = x * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    return (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def official_patch_positions(kind, patch_pos, native, grid):
+    """The patch positions (1, native**2, C) at ``grid`` as each official model computes them, written out from
+    their code: DINO ``interpolate_pos_encoding`` (also DINOv2 without registers: interpolate_offset 0.1); DINOv2 hub
+    ``*_reg`` models (interpolate_offset 0, interpolate_antialias True, in fp32); MAE ``interpolate_pos_embed``."""
+    dim = patch_pos.shape[-1]
+    img = patch_pos.float().reshape(1, native, native, dim).permute(0, 3, 1, 2)
+    if kind in ("dino", "dinov2_noreg"):
+        h0, w0 = grid[0] + 0.1, grid[1] + 0.1
+        out = F.interpolate(img, scale_factor=(h0 / math.sqrt(native ** 2), w0 / math.sqrt(native ** 2)), mode="bicubic")
+    elif kind == "dinov2_reg":
+        out = F.interpolate(img, size=grid, mode="bicubic", antialias=True)
+    else:  # mae
+        out = F.interpolate(img, size=grid, mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(1, -1, dim)
+
+
+def official_forward(net, kind, x):
+    """timm blocks with the official model's positions added to [CLS, (registers,) patches]; patch tokens out."""
+    tokens = net.patch_embed(x).flatten(1, 2)  # (B, h*w, C)
+    grid = (x.shape[-2] // net.patch_embed.patch_size[0], x.shape[-1] // net.patch_embed.patch_size[1])
+    native = net.patch_embed.grid_size[0]
+    B = x.shape[0]
+    if net.no_embed_class:  # timm's DINOv2-with-registers: CLS position folded into cls_token
+        pos = official_patch_positions(kind, net.pos_embed, native, grid)
+        t = torch.cat([net.cls_token.expand(B, -1, -1), net.reg_token.expand(B, -1, -1), tokens + pos], 1)
+    else:
+        pos = official_patch_positions(kind, net.pos_embed[:, 1:], native, grid)
+        t = torch.cat([net.cls_token.expand(B, -1, -1), tokens], 1) + torch.cat([net.pos_embed[:, :1], pos], 1)
+    for blk in net.blocks:
+        t = blk(t)
+    return net.norm(t)[:, net.num_prefix_tokens:]
+
+
+# kind: (timm name whose architecture flags the tiny model copies, patch, native image size, extra ViT args)
+VFM_KINDS = {
+    "dino": ("vit_base_patch8_224.dino", 8, 224, {}),
+    "dinov2_reg": ("vit_base_patch14_reg4_dinov2.lvd142m", 14, 518, dict(reg_tokens=4, no_embed_class=True)),
+    "dinov2_noreg": ("vit_base_patch14_dinov2.lvd142m", 14, 518, {}),
+    "mae": ("vit_base_patch16_224.mae", 16, 224, {}),
+}
+
+
+@pytest.mark.parametrize("kind", list(VFM_KINDS))
+def test_positions_at_336_match_the_official_formula(kind):
+    name, patch, native, extra = VFM_KINDS[kind]
+    torch.manual_seed(0)
+    net = VisionTransformer(img_size=native, patch_size=patch, embed_dim=32, depth=1, num_heads=2, num_classes=0,
+                            dynamic_img_size=True, **extra).eval()
+    with torch.no_grad():
+        net.pos_embed.normal_(0, 1.0)  # positions that matter (timm's init is 0.02)
+    vfm = VisionFoundationModel(net, name=name)
+    grid = (336 // patch, 336 // patch)
+    n_pos_prefix = 0 if net.no_embed_class else 1
+    got = resample_patch_pos_embed(net.pos_embed[:, n_pos_prefix:], grid, net.patch_embed.grid_size, vfm.positions)
+    want = official_patch_positions(kind, net.pos_embed[:, n_pos_prefix:], native // patch, grid)
+    assert got.shape == (1, grid[0] * grid[1], 32)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # ... and the features use them
+    x = torch.randn(2, 3, 336, 336)
+    feats, g = vfm.features(x)
+    with torch.no_grad():
+        want_feats = official_forward(net, kind, vfm_input(x))
+        timm_feats = net.forward_features(vfm_input(x))[:, net.num_prefix_tokens:]
+    assert g == grid
+    torch.testing.assert_close(feats, want_feats, atol=1e-5, rtol=1e-5)
+    if kind != "dinov2_reg":  # timm's own resampling (antialiased resize) is DINOv2-with-registers' rule only
+        assert (timm_feats - want_feats).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(timm_feats, want_feats, atol=1e-5, rtol=1e-5)
+
+
+def test_positions_unchanged_on_the_native_grid():
+    posemb = torch.randn(1, 28 * 28, 8)
+    for rule in POSITION_RULES.values():
+        assert resample_patch_pos_embed(posemb, (28, 28), (28, 28), rule) is posemb
+    rect = resample_patch_pos_embed(posemb.double(), (42, 30), (28, 28))
+    assert rect.shape == (1, 42 * 30, 8) and rect.dtype == torch.float64  # input dtype back
+    with pytest.raises(ValueError, match="patch positions"):
+        resample_patch_pos_embed(posemb, (4, 4), (27, 27))
+    with pytest.raises(RfclipError, match="unknown positions rule"):
+        VisionFoundationModel(tiny_vit(), positions="nearest")
+
+
 # ------------------------------------------------------------------------------------------------ loading
 def test_offline_error_is_fast_and_one_line(no_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -183,10 +275,8 @@ def test_load_from_local_safetensors(tmp_path, small_vit_state):
     x = torch.randn(1, 3, 64, 48)
     feats, grid = vfm.features(x)
     assert grid == (8, 6)
-    with torch.no_grad():
-        raw = x * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        want = model.forward_features((raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-                                      / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))[:, 1:]
+    with torch.no_grad():  # DINO's own positions at the 8 x 6 grid
+        want = official_forward(model, "dino", vfm_input(x))
     torch.testing.assert_close(feats, want, atol=1e-5, rtol=1e-4)
 
 
@@ -239,3 +329,83 @@ def test_proxyclip_and_fsa_b16_geometry_end_to_end():
         outs[spec] = probs
     assert seg.method.lam == 3.0
     assert not torch.equal(outs["proxyclip"], outs["proxyclip+fsa"])
+
+
+# ------------------------------------------------------------------------------------------------ SAM
+def tiny_sam(seed=0):
+    """A random SAM image encoder (timm's VisionTransformerSAM: windowed + global attention, relative positions,
+    conv neck), small: 128 px input, 8 x 8 grid, 16 neck channels."""
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    torch.manual_seed(seed)
+    net = VisionTransformerSAM(img_size=128, patch_size=16, embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,),
+                               window_size=4, use_rel_pos=True, neck_chans=16, num_classes=0).eval()
+    with torch.no_grad():  # SAM's init leaves these at zero
+        net.pos_embed.normal_(0, 0.5)
+        for blk in net.blocks:
+            blk.attn.rel_pos_h.normal_(0, 0.5)
+            blk.attn.rel_pos_w.normal_(0, 0.5)
+    return net
+
+
+def save_official_sam(net, path):
+    """``net``'s weights in the layout of SAM's released sam_vit_*.pth: a plain state dict with the image encoder
+    under ``image_encoder.`` (MLP layers named lin1/lin2), next to the prompt encoder and mask decoder."""
+    state = {f"image_encoder.{k.replace('mlp.fc', 'mlp.lin')}": v.clone() for k, v in net.state_dict().items()}
+    state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = torch.randn(2, 128)
+    state["mask_decoder.iou_token.weight"] = torch.randn(1, 256)
+    torch.save(state, path)
+    return path
+
+
+def test_sam_official_layout_loads_and_runs_proxyclip_and_fsa(tmp_path, tiny_clip, random_image, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = tiny_sam(seed=1)
+    path = save_official_sam(source, tmp_path / "sam_vit_tiny.pth")
+    vfm = load_vfm(tiny_sam(seed=2), checkpoint=path)  # other random weights, replaced by the file's
+    assert type(vfm).__name__ == "SamImageEncoder" and vfm.kind == "sam"
+    for (k, v), w in zip(source.state_dict().items(), vfm.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    # Features: the ImageNet-normalised crop resized to the encoder's input (128 here, 1024 for SAM), neck output
+    crop = torch.randn(2, 3, 80, 96)
+    feats, grid = vfm.features(crop)
+    with torch.no_grad():
+        x = F.interpolate(vfm_input(crop), size=(128, 128), mode="bilinear", align_corners=False)
+        want = source.forward_features(x).flatten(2).transpose(1, 2)
+    assert grid == (8, 8) and feats.shape == (2, 64, 16)
+    torch.testing.assert_close(feats, want, atol=1e-5, rtol=1e-5)
+    # End to end: proxyclip and proxyclip+fsa on the 8 x 8 SAM grid, FSA's lambda for SAM
+    outs = {}
+    for spec in ("proxyclip", "proxyclip+fsa"):
+        seg = Segmenter(tiny_clip, method=spec, vfm=vfm, short_side=None, slide_crop=96, slide_stride=64, **FAST)
+        out = seg.segment(random_image, "cat;dog;grass;sky")
+        assert out.mask.shape == random_image.shape[:2] and np.isfinite(out.probs).all()
+        outs[spec] = out.probs
+    assert seg.method.vfm_kind == "sam" and seg.method.lam == 3.0
+    assert not np.array_equal(outs["proxyclip"], outs["proxyclip+fsa"])
+
+
+def test_sam_b_loads_by_name_from_the_official_file(tmp_path, no_cache, monkeypatch):
+    """Real SAM ViT-B geometry (89M random weights) from a file in the official layout, offline. Its forward at
+    1024 x 1024 takes ~25 s on a CPU, so only the loading and the grid are checked here."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    net = timm.create_model("samvit_base_patch16", pretrained=False, num_classes=0)
+    path = save_official_sam(net, tmp_path / "sam_vit_b_01ec64.pth")
+    vfm = load_vfm("sam", checkpoint=path)
+    assert vfm.name == "samvit_base_patch16.sa1b" and vfm.kind == "sam" and vfm.source == str(path)
+    assert vfm.input_size == (1024, 1024) and vfm.grid(336, 336) == (64, 64) and vfm.grid(224, 500) == (64, 64)
+    assert torch.equal(vfm.model.blocks[3].mlp.fc2.weight, net.blocks[3].mlp.fc2.weight)
+    assert torch.equal(vfm.model.neck[2].weight, net.neck[2].weight)
+
+
+def test_sam_aliases_and_lambda():
+    from rfclip.methods.fsa import default_lambda
+
+    assert resolve_vfm_name("sam") == resolve_vfm_name("sam_b") == "samvit_base_patch16.sa1b"
+    assert resolve_vfm_name("sam_l") == "samvit_large_patch16.sa1b"
+    assert resolve_vfm_name("SAM_H") == "samvit_huge_patch16.sa1b"
+    for name in ("sam", "sam_l", "sam_h"):
+        base = ProxyCLIP(vfm=name)
+        assert base.vfm_kind == "sam"
+        assert default_lambda(base) == 3.0 and default_lambda(base, width=1280) == 2.3  # FSA hyper_param.txt

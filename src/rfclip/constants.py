@@ -7,9 +7,16 @@ ICCV 2025 (arXiv 2508.20265). NACLIP = Hajimiri et al., WACV 2025. SCLIP = Wang 
 ClearCLIP = Lan et al., ECCV 2024. ProxyCLIP = Lan et al., ECCV 2024.
 """
 
-# --- image normalisation (OpenAI CLIP; SCLIP/NACLIP configs use the same values x 255) -------------
+# --- image normalisation (OpenAI CLIP) ---------------------------------------------------------------
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The same on the 0-255 scale, as rfclip's preprocessing takes them (InferenceConfig.pixel_mean / pixel_std).
+CLIP_PIXEL_MEAN = tuple(255 * m for m in CLIP_MEAN)
+CLIP_PIXEL_STD = tuple(255 * s for s in CLIP_STD)
+# CLIP's x 255 rounded to 3 decimals, as the mmseg SegDataPreProcessor of the SCLIP, NACLIP, ClearCLIP, ProxyCLIP,
+# FSA and RF-CLIP code normalises: mean=[122.771, 116.746, 104.094], std=[68.501, 66.632, 70.323].
+MMSEG_CLIP_MEAN = (122.771, 116.746, 104.094)
+MMSEG_CLIP_STD = (68.501, 66.632, 70.323)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # VFM input normalisation in ProxyCLIP / FSA
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -89,7 +96,11 @@ RELEASE_GSW, RELEASE_MVW, RELEASE_H_THRESHOLD = RELEASE_DATASET_EXTRAS["voc21"][
 FSA_PATCH_LOGIT_SCALE = 20.0  # compute_logits(..., logits_scale=20) for the first pass
 FSA_UNIFORM_LOGIT_SCALE = 35.0  # scale of the uniform-attention baseline logits
 FSA_PRUNE_MASS = 0.45  # nucleus mass kept per row in confidence-based pruning
-FSA_LAMBDA = {"default": 3.0, "vit_h": 2.3, "mae": 4.5}  # hyper_param.txt: B/L with DINO/SAM/DINOv2, H/14, MAE
+# lambda (sharpening), FSA's hyper_param.txt: "For sam, dino, dinov2 as VFMs: ViT-B16 and ViT-L14: lamda = 3.0,
+# ViT-H14: lamda = 2.3. For MAE as VFMs: lamda = 4.5 for all models" (ViT-* is the CLIP backbone; SAM B/L/H alike).
+# Bases without a VFM take the SAM/DINO/DINOv2 values (FSA publishes none for them).
+FSA_LAMBDA = {"default": 3.0, "vit_h": 2.3, "mae": 4.5}
+FSA_LAMBDA_VFMS = ("sam", "dino", "dinov2")  # the VFM kinds whose lambda is "default" / "vit_h"
 
 # --- ProxyCLIP (ECCV 2024; segmentor defaults) ------------------------------------------------------
 PROXY_BETA = 1.2  # shift of the mean similarity

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .devices import parse_device
+from .constants import CLIP_PIXEL_MEAN, MMSEG_CLIP_MEAN
 from .errors import RfclipError
 
 RESULT_KEYS = ("miou", "aacc", "macc", "iou", "acc", "per_class_iou", "num_images", "images_per_s", "seconds", "counts")
@@ -149,6 +150,9 @@ def dataset_config_changes(dataset) -> dict[str, Any]:
         "prob_thd": s.prob_thd,
         "area_thd": s.area_thd,
         "background_class": 0 if background is None else background,
+        "pixel_mean": tuple(s.pixel_mean),
+        "pixel_std": tuple(s.pixel_std),
+        "pad_crops_to": s.pad_crops_to,
     }
 
 
@@ -318,6 +322,13 @@ def describe_settings(settings: Mapping[str, Any]) -> str:
         parts.append(f"prob_thd {settings['prob_thd']:g}")
     if settings.get("area_thd") is not None:
         parts.append(f"area_thd {settings['area_thd']:g}")
+    if settings.get("pad_crops_to"):
+        parts.append(f"crops padded to {settings['pad_crops_to']}")
+    mean = settings.get("pixel_mean")
+    if mean is not None:
+        parts.append("mmseg-rounded CLIP mean/std" if tuple(mean) == MMSEG_CLIP_MEAN else
+                     "CLIP mean/std" if tuple(mean) == CLIP_PIXEL_MEAN else
+                     f"mean {', '.join(f'{v:g}' for v in mean)}")
     parts.append("PAMR on" if settings.get("pamr") else "PAMR off")
     return ", ".join(parts)
 

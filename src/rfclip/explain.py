@@ -116,7 +116,8 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
     img = load_image(image)
     H0, W0 = img.shape[:2]
     size = rescale_size(H0, W0, segmenter.config.short_side)  # (h, w) of the network input
-    x = preprocess(img, segmenter.config.short_side, device)  # (3, h, w)
+    cfg = segmenter.config
+    x = preprocess(img, cfg.short_side, device, cfg.pixel_mean, cfg.pixel_std)  # (3, h, w)
     ph_, pw_ = encoder.patch_size
     gh, gw = x.shape[-2] // ph_, x.shape[-1] // pw_
     if gh < 1 or gw < 1:

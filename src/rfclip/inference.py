@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .constants import (CLIP_MEAN, CLIP_STD, LOGIT_SCALE, LONG_SIDE_CAP, PAMR_DILATIONS, PAMR_STEPS, SHORT_SIDE,
-                        SLIDE_CROP, SLIDE_STRIDE)
+from .constants import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, LOGIT_SCALE, LONG_SIDE_CAP, PAMR_DILATIONS, PAMR_STEPS,
+                        SHORT_SIDE, SLIDE_CROP, SLIDE_STRIDE)
 from .errors import RfclipError
 from .text import TextQueries
 
@@ -41,6 +41,9 @@ class InferenceConfig:
     batch_size: int = 64  # crops per forward (bounds memory on large images)
     precision: str = "auto"  # "auto" (bf16 on CUDA when supported, else fp16; fp32 on CPU) | "fp32" | "bf16" | "fp16"
     compile: bool = False  # torch.compile the encoder forward (pays off on GPU over many images; first calls compile)
+    pixel_mean: tuple[float, ...] = CLIP_PIXEL_MEAN  # RGB normalisation, 0-255 scale (presets: the mmseg-rounded ones)
+    pixel_std: tuple[float, ...] = CLIP_PIXEL_STD
+    pad_crops_to: int | str = 0  # zero-pad each crop to multiples of this many px (ClearCLIP: "patch", ProxyCLIP: 56)
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -98,15 +101,18 @@ def rescale_size(height: int, width: int, short_side: int | None, long_cap: int 
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
-def preprocess(image: np.ndarray, short_side: int | None, device=None) -> Tensor:
-    """uint8 H x W x 3 -> resized, CLIP-normalised (3, h, w) fp32 tensor (bilinear, as mmcv/cv2)."""
+def preprocess(image: np.ndarray, short_side: int | None, device=None, mean: Sequence[float] = CLIP_PIXEL_MEAN,
+               std: Sequence[float] = CLIP_PIXEL_STD) -> Tensor:
+    """uint8 H x W x 3 -> resized (bilinear, as mmcv/cv2), normalised (3, h, w) fp32 tensor: ``(x - mean) / std``
+    with RGB ``mean`` / ``std`` on the 0-255 scale (default: CLIP's; the papers' configs round them, see
+    ``constants.MMSEG_CLIP_MEAN``)."""
     x = torch.from_numpy(image).to(device).permute(2, 0, 1).float()[None]  # (1, 3, H, W) in 0..255
     size = rescale_size(x.shape[-2], x.shape[-1], short_side)
     if size != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1) * 255
-    return ((x - mean) / std)[0]
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean_t) / std_t)[0]
 
 
 # ------------------------------------------------------------------------------------------- dense logits
@@ -126,6 +132,36 @@ def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tup
             x2 = min(j * stride + crop, width)
             windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
     return windows
+
+
+def crop_padding(height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
+    """Zeros ``(left, right, top, bottom)`` that make a crop's sides multiples of ``multiple`` (0: none), split
+    evenly with the odd pixel right / bottom, as ClearCLIP's and ProxyCLIP's ``compute_padsize``."""
+    if multiple <= 0:
+        return 0, 0, 0, 0
+    extra_w, extra_h = -width % multiple, -height % multiple
+    return extra_w // 2, extra_w - extra_w // 2, extra_h // 2, extra_h - extra_h // 2
+
+
+def padding_multiple(pad_crops_to: int | str, patch_size: int) -> int:
+    """``InferenceConfig.pad_crops_to`` in pixels: ``"patch"`` is the model's patch size (ClearCLIP), a number >= 0
+    is taken as is (0: no padding)."""
+    if isinstance(pad_crops_to, str) and pad_crops_to.strip().lower() == "patch":
+        return int(patch_size)
+    if isinstance(pad_crops_to, bool) or not isinstance(pad_crops_to, int) or pad_crops_to < 0:
+        raise RfclipError(f"pad_crops_to must be a number of pixels >= 0 or 'patch', got {pad_crops_to!r}")
+    return pad_crops_to
+
+
+def check_pixel_stats(mean: Sequence[float], std: Sequence[float]) -> None:
+    """Three RGB means and three positive standard deviations (0-255 scale)."""
+    try:
+        ok = len(mean) == 3 and len(std) == 3 and all(float(v) > 0 for v in std) and all(float(v) == float(v) for v in mean)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise RfclipError(f"pixel_mean / pixel_std must be 3 RGB values each on the 0-255 scale (std > 0), got "
+                          f"{mean!r} / {std!r}; e.g. pixel_mean=122.771,116.746,104.094")
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -195,14 +231,20 @@ def image_cls_tokens(encoder, method, images: Sequence[Tensor], batch_size: int 
 
 
 def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, crop: int, stride: int,
-                 batch_size: int = 64, amp_dtype: torch.dtype | None = None) -> list[Tensor]:
+                 batch_size: int = 64, amp_dtype: torch.dtype | None = None, pad_to: int = 0) -> list[Tensor]:
     """Cosine logits per query for preprocessed images, averaged over sliding-window crops.
 
     ``images``: list of (3, H_i, W_i) normalised tensors. Crops of all images are grouped by shape and run
-    ``batch_size`` at a time. A crop's logits come from the method's ``logits`` hook (default: features times the
-    query embeddings); a method that asks for the whole image's [CLS] (``needs_image_cls``) gets it from one extra
-    whole-image forward per image that has more than one window. Returns a list of (Q, H_i, W_i) fp32 tensors
-    (before softmax).
+            if padded != shape:
+                batch = F.pad(batch, (left, right, top, bottom))
+            with _amp(device, amp_dtype):
+                features, grid, cls = encoder(batch, method, text_features=text_features if needs_text else None)
+            if image_cls:
+                cls = torch.stack([image_cls[i] if i in image_cls else c for (i, _), c in zip(chunk, cls.float())])
+            if logits_hook is None:
+                logits = features.float() @ text_features.T  # (B, N, Q)
+            else:
+                logits = logits_hook(features.float(), cls, text_features)  # (B, N, Q)
     """
     device = images[0].device
     text_features = text.features.to(device=device, dtype=torch.float32)  # (Q, D)
@@ -226,8 +268,12 @@ def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, c
         image_cls = dict(zip(windowed, image_cls_tokens(encoder, method, [images[i] for i in windowed], batch_size,
                                                         amp_dtype)))
     for shape, crops in by_shape.items():
+        left, right, top, bottom = crop_padding(*shape, pad_to)
+        padded = (shape[0] + top + bottom, shape[1] + left + right)
         for chunk in _chunks(crops, batch_size):
             batch = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])  # (B, 3, h, w)
+            if padded != shape:
+                batch = F.pad(batch, (left, right, top, bottom))
             with _amp(device, amp_dtype):
                 features, grid, cls = encoder(batch, method, text_features=text_features if needs_text else None)
             if image_cls:
@@ -238,9 +284,10 @@ def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, c
                 logits = logits_hook(features.float(), cls, text_features)  # (B, N, Q)
             logits = logits.transpose(1, 2).reshape(len(chunk), -1, *grid)  # (B, Q, h_p, w_p)
             # Upsample a few crops at a time: B x Q x crop x crop at once can take GBs (171 classes, 64 crops).
-            per_step = max(1, _UPSAMPLE_BUDGET // (logits.shape[1] * shape[0] * shape[1]))
+            per_step = max(1, _UPSAMPLE_BUDGET // (logits.shape[1] * padded[0] * padded[1]))
             for start in range(0, len(chunk), per_step):
-                up = F.interpolate(logits[start:start + per_step], size=shape, mode="bilinear", align_corners=False)
+                up = F.interpolate(logits[start:start + per_step], size=padded, mode="bilinear", align_corners=False)
+                up = up[:, :, top:top + shape[0], left:left + shape[1]]  # the padding cut off
                 for crop_logits, (i, (y1, y2, x1, x2)) in zip(up, chunk[start:start + per_step]):
                     canvases[i][:, y1:y2, x1:x2] += crop_logits
     return [canvas.div_(count) for canvas, count in zip(canvases, counts)]

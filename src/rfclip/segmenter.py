@@ -12,7 +12,8 @@ import torch
 from .dense import DenseCLIP
 from .devices import resolve_device
 from .errors import RfclipError
-from .inference import InferenceConfig, autocast_dtype, dense_logits, load_image, postprocess, preprocess
+from .inference import (InferenceConfig, autocast_dtype, check_pixel_stats, dense_logits, load_image, padding_multiple,
+                        postprocess, preprocess)
 from .methods import build_method, method_option_names
 from .text import ClassSpec, TextClassifier, TextQueries
 
@@ -38,6 +39,14 @@ class Segmentation:
         """Fraction of the image's pixels given to each class."""
         counts = np.bincount(self.mask.ravel(), minlength=len(self.classes))
         return {name: float(n) / self.mask.size for name, n in zip(self.classes, counts)}
+
+
+def _checked(cfg: InferenceConfig) -> InferenceConfig:
+    """``cfg`` with the normalisation as float tuples; bad pixel statistics or crop padding are user errors."""
+    check_pixel_stats(cfg.pixel_mean, cfg.pixel_std)
+    padding_multiple(cfg.pad_crops_to, 16)
+    return replace(cfg, pixel_mean=tuple(float(v) for v in cfg.pixel_mean),
+                   pixel_std=tuple(float(v) for v in cfg.pixel_std))
 
 
 class Segmenter:
@@ -67,7 +76,7 @@ class Segmenter:
                 f"unknown option(s) {', '.join(unknown)}; method '{method}' takes: {', '.join(sorted(method_names)) or 'none'}; "
                 f"inference takes: {', '.join(sorted(config_names))}"
             )
-        self.config = InferenceConfig(**{k: v for k, v in options.items() if k in config_names})
+        self.config = _checked(InferenceConfig(**{k: v for k, v in options.items() if k in config_names}))
         self.method = build_method(method, plugins, **{k: v for k, v in options.items() if k in method_names})
         self.amp_dtype = autocast_dtype(self.device, method_precision(self.config.precision, self.method))
         self.method_name = method if not plugins else "+".join([method, *plugins])
@@ -93,7 +102,7 @@ class Segmenter:
         """A shallow copy with other inference settings (shares the model and the text cache)."""
         clone = object.__new__(Segmenter)
         clone.__dict__.update(self.__dict__)
-        clone.config = replace(self.config, **changes)
+        clone.config = _checked(replace(self.config, **changes))
         clone.amp_dtype = autocast_dtype(self.device, method_precision(clone.config.precision, clone.method))
         return clone
 
@@ -113,9 +122,10 @@ class Segmenter:
         Returns a list of ``(mask, probs)`` torch tensors at each image's original size.
         """
         cfg = self.config
-        inputs = [preprocess(img, cfg.short_side, self.device) for img in images]
+        inputs = [preprocess(img, cfg.short_side, self.device, cfg.pixel_mean, cfg.pixel_std) for img in images]
         logits = dense_logits(self.forward_encoder(), self.method, inputs, text, cfg.slide_crop, cfg.slide_stride,
-                              cfg.batch_size, self.amp_dtype)
+                              cfg.batch_size, self.amp_dtype,
+                              pad_to=padding_multiple(cfg.pad_crops_to, self.encoder.patch_size[0]))
         results = []
         for i, img in enumerate(images):
             lg, logits[i] = logits[i], None  # free each image's logits once it is done (large images)

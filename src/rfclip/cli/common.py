@@ -28,6 +28,7 @@ INFERENCE_FLAGS = {
     "pamr": "pamr",
     "batch_size": "batch_size",
     "precision": "precision",
+    "pad_crops_to": "pad_crops_to",
     "compile": "compile",
 }
 
@@ -41,6 +42,16 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
+
+
+def _crop_padding(text: str) -> int | str:
+    """``--pad-crops-to``: pixels (0 = off) or ``patch``."""
+    if text.strip().lower() == "patch":
+        return "patch"
+    try:
+        return _non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'patch', got '{text}'") from None
 
 
 def _non_negative_int(text: str) -> int:
@@ -91,8 +102,9 @@ def add_method_options(parser: argparse.ArgumentParser, default_method: str | No
                             "--option distraction_dims=4,162,474; values are read as int, float, true/false, "
                             "none or comma-separated lists")
     group.add_argument("--vfm", metavar="NAME", help="vision foundation model of proxyclip (timm name or dino, "
-                       "dino_b16, dinov2, mae; default: DINO ViT-B/8)")
-    group.add_argument("--vfm-checkpoint", metavar="FILE", help="local weights for --vfm (safetensors or PyTorch file)")
+                       "dino_b16, dinov2, dinov2_noreg, mae, sam, sam_l, sam_h; default: DINO ViT-B/8)")
+    group.add_argument("--vfm-checkpoint", metavar="FILE", help="local weights for --vfm (safetensors or PyTorch file, "
+                       "also the original DINO / DINOv2 / MAE / SAM releases, e.g. sam_vit_b_01ec64.pth)")
 
 
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +119,10 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--logit-scale", type=_float, metavar="S", help="softmax temperature over classes (default: 40)")
     group.add_argument("--pamr", action="store_true", default=None,
                        help="refine the masks with PAMR (pixel-adaptive mask refinement)")
+    group.add_argument("--pad-crops-to", type=_crop_padding, metavar="PX",
+                       help="zero-pad each crop so its sides are multiples of PX, as ClearCLIP ('patch': the patch "
+                            "size) and ProxyCLIP (56) do (default: 0 = off; the eval presets set it); the image "
+                            "normalisation is --option pixel_mean=R,G,B / pixel_std=R,G,B (0-255 scale)")
     group.add_argument("--batch-size", type=_positive_int, metavar="N",
                        help="crops per forward pass; lower it if memory runs out (default: 64)")
     group.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],

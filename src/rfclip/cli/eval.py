@@ -28,11 +28,6 @@ examples:
   ade20k                .../ADEChallengeData2016
   cityscapes            .../cityscapes
 
-presets (per-dataset resize, sliding window, logit scale, thresholds):
-  default  RF-CLIP / ClearCLIP setup: short side 336 (560 Cityscapes), slide 224/112, logit scale 40
-  naclip   as default, whole image on VOC21 / VOC20
-  sclip    SCLIP's configs (logit scale 65/50, area_thd on VOC21, 448 on COCO-Stuff)
-  fsa      FSA / ProxyCLIP's configs and FSA's class-name files
 """
 
 EVAL_ALL_EXAMPLES = """\
@@ -47,14 +42,30 @@ examples:
 """
 
 
+def presets_help(info) -> str:
+    """The epilog's list of settings presets, from their one-line descriptions (data.settings.PRESET_INFO)."""
+    import textwrap
+
+    width = max(len(name) for name in info)
+    lines = ["presets (each paper's configs: per-dataset resize, sliding window, logit scale, thresholds, crop",
+             "padding; every preset normalises with the mmseg-rounded CLIP mean/std its code uses; the README lists",
+             "the tables and their sources):"]
+    for name, preset in info.items():
+        body = textwrap.wrap(preset.description, 112 - width - 4)
+        lines.append(f"  {name:<{width}}  {body[0]}")
+        lines += [" " * (width + 4) + more for more in body[1:]]
+    return "\n".join(lines) + "\n"
+
+
 def add_parser(subparsers) -> None:
     from ..data import DATASET_NAMES, PRESETS
+    from ..data.settings import PRESET_INFO
 
     p = subparsers.add_parser(
         "eval", help="evaluate mIoU on one benchmark",
         description="Evaluate mIoU on one of the 8 benchmarks (mmsegmentation folder layout). Prints the per-class "
                     "IoU table, mIoU and aAcc, and writes them as JSON and CSV.",
-        epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EVAL_EXAMPLES + "\n" + presets_help(PRESET_INFO), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, metavar="NAME", help=f"one of: {', '.join(DATASET_NAMES)}")
     p.add_argument("--root", required=True, metavar="DIR", help="the dataset's data_root (see below)")
     p.add_argument("--split", metavar="NAME", help="split to evaluate (default: the benchmark's validation split)")
@@ -68,7 +79,8 @@ def add_parser(subparsers) -> None:
         description="Evaluate mIoU on the 8 benchmarks found under --root-dir and write a markdown table in the "
                     "RF-CLIP paper's column order (with the paper's RF-CLIP row for ViT-B-16 / ViT-L-14), plus "
                     "JSON and CSV per dataset.",
-        epilog=EVAL_ALL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EVAL_ALL_EXAMPLES + "\n" + presets_help(PRESET_INFO),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root-dir", required=True, metavar="DIR", help="folder holding the datasets (see below)")
     p.add_argument("--datasets", nargs="+", metavar="NAME",
                    help="evaluate only these (default: all 8, in the paper's order)")
@@ -101,8 +113,8 @@ def add_parser(subparsers) -> None:
 def _add_eval_options(p: argparse.ArgumentParser, presets) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--preset", default="default", choices=list(presets),
-                   help="per-dataset settings (default: default; fsa also selects FSA's class-name files); "
-                        "the inference flags below override it")
+                   help="per-dataset settings of a paper's protocol (default: default, the common SCLIP/NACLIP "
+                        "protocol; see below); the inference flags below override it")
     g.add_argument("--limit", type=common._positive_int, metavar="N", help="evaluate only the first N images")
     g.add_argument("--num-workers", type=common._non_negative_int, default=4, metavar="N",
                    help="processes decoding images (default: 4; 0 = none)")

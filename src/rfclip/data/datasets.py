@@ -89,8 +89,10 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 # Class-name sets: asset folder and synonym separator. A dataset missing from a set's folder falls back to the
-# default set (FSA's files differ from SCLIP/NACLIP's only for VOC21, VOC20 and COCO-Object).
-CLASSNAME_SETS = {"default": ("classnames", ", "), "fsa": ("classnames_fsa", "; ")}
+# default set (FSA's / ProxyCLIP's files differ from SCLIP/NACLIP's only for VOC21, VOC20 and COCO-Object; ClearCLIP's
+# public VOC21 file has a "background" class and no synonyms, its parser splits on ",").
+CLASSNAME_SETS = {"default": ("classnames", ", "), "fsa": ("classnames_fsa", "; "),
+                  "clearclip": ("classnames_clearclip", ",")}
 
 
 # ------------------------------------------------------------------------------------------------ class names
@@ -121,10 +123,11 @@ def _asset_text(folder: str, filename: str) -> str | None:
 
 
 def load_classnames(name: str, preset: str = "default", strip: bool = True) -> list[list[str]]:
-    """Synonyms per class for ``name``: the SCLIP/NACLIP files, or FSA's where ``preset`` selects them.
+    """Synonyms per class for ``name``: the SCLIP/NACLIP files, or the set ``preset`` selects (FSA / ProxyCLIP's,
+    ClearCLIP's).
 
-    ``preset`` is a settings preset (``default``, ``naclip``, ``sclip``, ``fsa``) or a class-name set name
-    (``default``, ``fsa``).
+    ``preset`` is a settings preset (``default``, ``naclip``, ``sclip``, ``clearclip``, ``proxyclip``, ``fsa``, ...)
+    or a class-name set name (``default``, ``fsa``, ``clearclip``).
     """
     spec = DATASETS[canonical_dataset_name(name)]
     key = str(preset).strip().lower()

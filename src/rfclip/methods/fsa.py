@@ -13,8 +13,10 @@ A by the adaptation ensemble built from the base's own first-pass prediction (sp
 6. ``A_ens = (A_fb A + A A_fb + c · A_fb) / 3`` per head, with A_fb extended block-diagonally over the CLS token;
 7. second pass: the base's last block with A_ens instead of A (done by :class:`rfclip.dense.DenseCLIP`).
 
-Steps 1-6 run in fp32 whatever the autocast dtype, batched over crops; the N x N maps are built a block of rows at a
-time so that memory stays bounded for large grids. ``fsa=False`` returns the base's attention untouched (exactly the
+The first-pass and uniform features (steps 1-2) and the ensemble (step 6) are computed in fp32 whatever the autocast
+dtype; the class distributions, the KL similarity, the pruning and A_fb (steps 2-5) in fp64 (fp32 on devices without
+fp64, e.g. MPS): near-ties of S decide which keys the nucleus rule keeps, and fp32 merges them. Batched over crops; the N x N maps are built a block of rows at a time so that memory
+stays bounded for large grids. ``fsa=False`` returns the base's attention untouched (exactly the
 base method); ``fsa_lambda=0`` is *not* the identity (it only removes the sharpening).
 """
 
@@ -32,21 +34,32 @@ from ..dense import FinalAttention, ForwardContext, softmax_attention
 from ..errors import RfclipError
 from .base import Method, register_plugin
 
-_ROW_BLOCK_ELEMENTS = 1 << 25  # B x rows x N elements per N x N block (128 MB in fp32)
+_ROW_BLOCK_ELEMENTS = 1 << 24  # B x rows x N elements per N x N block (128 MB in fp64)
+
+
+def exact_dtype(device: torch.device | str) -> torch.dtype:
+    """fp64 where the device has it (the KL similarity and the pruning), else fp32 (MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 # ---------------------------------------------------------------------------------------------- the FSA steps
 def isolated_log_probs(patch_features: Tensor, uniform_features: Tensor, text_features: Tensor,
                        patch_scale: float = FSA_PATCH_LOGIT_SCALE,
-                       uniform_scale: float = FSA_UNIFORM_LOGIT_SCALE) -> Tensor:
+                       uniform_scale: float = FSA_UNIFORM_LOGIT_SCALE, dtype: torch.dtype | None = None) -> Tensor:
     """Attention isolation (§3.1-3.2): ``log_softmax(patch_scale · F Tᵀ − uniform_scale · f_u Tᵀ)`` over queries.
 
     ``patch_features`` (B, N, D) and ``uniform_features`` (B, D) are L2-normalised first-pass features, ``text_features``
-    (Q, D). Returns log P (B, N, Q) in fp32.
+    (Q, D). Returns log P (B, N, Q) in ``dtype`` (default: :func:`exact_dtype`, fp64). The official code takes
+    ``log(P + 1e-10)`` in fp16, where the 1e-10 rounds away; ``log_softmax`` is that without the NaN of log(0).
     """
-    text = text_features.float()
-    z = patch_scale * torch.matmul(patch_features.float(), text.T)  # (B, N, Q)
-    z_uni = uniform_scale * torch.matmul(uniform_features.float(), text.T)  # (B, Q)
+    dtype = dtype or exact_dtype(patch_features.device)
+    text = text_features.to(dtype)
+    z = patch_scale * torch.matmul(patch_features.to(dtype), text.T)  # (B, N, Q)
+    z_uni = uniform_scale * torch.matmul(uniform_features.to(dtype), text.T)  # (B, Q)
     return torch.log_softmax(z - z_uni.unsqueeze(1), dim=-1)
 
 
@@ -54,34 +67,36 @@ def kl_matrix(log_p: Tensor, log_q: Tensor | None = None) -> Tensor:
     """``KL_ij = KL(P_i ‖ P_j) = Σ_q P_iq log P_iq − Σ_q P_iq log P_jq``, clamped at 0, as one matrix product.
 
     ``log_p`` (B, R, Q) holds the rows i, ``log_q`` (B, N, Q) the columns j (default: ``log_p``). Returns (B, R, N)
-    in fp32; never forms a (R, N, Q) tensor. Underflowed probabilities are exact zeros times finite logs: no NaN.
+    in the inputs' dtype (fp32 at least: pass fp64 for FSA's pruning); never forms a (R, N, Q) tensor. Underflowed
+    probabilities are exact zeros times finite logs: no NaN.
     """
-    log_p = log_p.float()
-    log_q = log_p if log_q is None else log_q.float()
+    log_p = _at_least_fp32(log_p)
+    log_q = log_p if log_q is None else _at_least_fp32(log_q).to(log_p.dtype)
     p = log_p.exp()
     neg_entropy = (p * log_p).sum(dim=-1, keepdim=True)  # (B, R, 1)
     return (neg_entropy - torch.matmul(p, log_q.transpose(-1, -2))).clamp_min_(0)
 
 
 def nucleus_mask(similarity: Tensor, mass: float = FSA_PRUNE_MASS) -> Tensor:
-    """Confidence-based pruning (§3.4): per row, sort S descending, take softmax(S) over the whole row (temperature 1)
-    in that order and keep while the cumulative mass is <= ``mass``; the most similar key is always kept.
+    """Confidence-based pruning (§3.4), the official ``SparseAtten``: per row, sort S descending, take the softmax of
+    the sorted row (temperature 1), keep the sorted positions whose cumulative mass is <= ``mass`` and always the
+    first one, then map back to the keys.
 
-    The kept positions are a prefix of the sorted row, so the mask is ``S_ij >= s_(k)`` with k the prefix length.
-    Keys tied with the last kept value are all kept (the spec leaves the order of ties to the sort). Returns a bool
-    mask of the shape of ``similarity``.
+    Exactly that many keys are kept. Among keys tied at the boundary the sort decides (the official code leaves it to
+    ``torch.sort``); here the sort is stable, so the lower key index comes first. Computed in the input's dtype (fp32
+    at least): give fp64 similarities, fp32 merges near-ties. Returns a bool mask of the shape of ``similarity``.
     """
-    s = similarity.float()
-    ordered = s.sort(dim=-1, descending=True).values
-    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)  # softmax commutes with the permutation
-    count = (cumulative <= mass).sum(dim=-1, keepdim=True).clamp_min_(1)
-    threshold = ordered.gather(-1, count - 1)
-    return s >= threshold
+    s = _at_least_fp32(similarity)
+    ordered, order = s.sort(dim=-1, descending=True, stable=True)
+    keep_sorted = ordered.softmax(dim=-1).cumsum(dim=-1) <= mass  # a prefix of the sorted row
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 def feedback_attention(similarity: Tensor, lam: float, mass: float = FSA_PRUNE_MASS) -> tuple[Tensor, Tensor]:
-    """§3.4-3.5: ``softmax(S · exp(λ S))`` over the keys kept by :func:`nucleus_mask`. Returns (A_fb, keep)."""
-    s = similarity.float()
+    """§3.4-3.5: ``softmax(S · exp(λ S))`` over the keys kept by :func:`nucleus_mask`. Returns (A_fb, keep), A_fb in
+    the similarity's dtype (fp32 at least)."""
+    s = _at_least_fp32(similarity)
     keep = nucleus_mask(s, mass)
     logits = (s * torch.exp(lam * s)).masked_fill_(~keep, float("-inf"))
     return logits.softmax(dim=-1), keep
@@ -90,8 +105,9 @@ def feedback_attention(similarity: Tensor, lam: float, mass: float = FSA_PRUNE_M
 def feedback_from_log_probs(log_p: Tensor, lam: float, mass: float = FSA_PRUNE_MASS,
                             block_elements: int = _ROW_BLOCK_ELEMENTS) -> tuple[Tensor, Tensor]:
     """§3.3-3.5 from the isolated log-probabilities (B, N, Q): returns A_fb (B, N, N) fp32 and the fraction of keys
-    kept per crop (B,). Rows are processed in blocks (every step is row-wise), batched over crops."""
-    log_p = log_p.float()
+    kept per crop (B,). The KL similarity, the pruning and the softmax run in log_p's dtype (fp32 at least; FSA
+    passes fp64), A_fb is stored in fp32. Rows are processed in blocks (every step is row-wise), batched over crops."""
+    log_p = _at_least_fp32(log_p)
     B, N, _ = log_p.shape
     a_fb = torch.empty(B, N, N, dtype=torch.float32, device=log_p.device)
     kept = torch.zeros(B, dtype=torch.float32, device=log_p.device)
@@ -174,7 +190,8 @@ def is_vit_h(clip=None, width: int | None = None) -> bool:
 
 
 def default_lambda(base: Method, clip=None, width: int | None = None) -> float:
-    """λ from FSA's ``hyper_param.txt``: 4.5 with an MAE VFM, else 2.3 for ViT-H/14, else 3.0."""
+    """λ from FSA's ``hyper_param.txt``: 4.5 with an MAE VFM; else (SAM, DINO, DINOv2 or no VFM) 2.3 for a CLIP
+    ViT-H/14 and 3.0 for ViT-B/16 and ViT-L/14 (constants.FSA_LAMBDA)."""
     if getattr(base, "vfm_kind", None) == "mae":
         return FSA_LAMBDA["mae"]
     if is_vit_h(clip, width):
@@ -187,7 +204,7 @@ def default_lambda(base: Method, clip=None, width: int | None = None) -> float:
 @dataclasses.dataclass
 class FSA(Method):
     """FSA on top of ``base``. ``fsa=False`` switches it off (exactly the base); ``fsa_lambda`` is the sharpening λ
-    (None: 3.0, 2.3 for ViT-H/14, 4.5 with ProxyCLIP's MAE VFM)."""
+    (None: 3.0, 2.3 for ViT-H/14, 4.5 with ProxyCLIP's MAE VFM; SAM, DINO and DINOv2 take 3.0 / 2.3)."""
 
     base: Method
     fsa: bool = True

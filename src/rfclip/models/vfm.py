@@ -1,10 +1,13 @@
 """Vision foundation models (VFMs) for ProxyCLIP's proxy attention, loaded through timm.
 
 A VFM is named by a timm model name with its pretrained tag (``"vit_base_patch8_224.dino"``) or by a short alias
-(``"dino"``, ``"dino_b16"``, ``"dinov2"``, ``"mae"``). Weights come, in this order, from
+(``"dino"``, ``"dino_b16"``, ``"dinov2"``, ``"mae"``, ``"sam"``, ``"sam_l"``, ``"sam_h"``). Weights come, in this order,
+from
 
 1. ``checkpoint``: a local file (``.safetensors``, or a PyTorch state dict read with ``weights_only=True``), in
-   timm's layout or in the original DINO / DINOv2 / MAE release layout (timm's own checkpoint filter converts it);
+   timm's layout or in the original DINO / DINOv2 / MAE / SAM release layout (timm's own checkpoint filter converts
+   it; SAM's ``sam_vit_b_01ec64.pth`` keeps the image encoder under ``image_encoder.*`` and its prompt encoder and
+   mask decoder are dropped);
 2. the local caches: the Hugging Face hub cache timm downloads into (``timm/<name>``) and torch.hub's checkpoint
    folder (where ``torch.hub.load("facebookresearch/dino", ...)`` and timm's URL fallback keep the original files);
 3. a download from the Hugging Face hub, only when ``HF_HUB_OFFLINE`` is not set and the hub answers a quick probe.
@@ -12,10 +15,17 @@ A VFM is named by a timm model name with its pretrained tag (``"vit_base_patch8_
 Without any of these :class:`rfclip.errors.WeightsNotFoundError` names the model and the ``--vfm-checkpoint FILE``
 option at once (no retries).
 
-Features (ProxyCLIP / FSA code, spec fsa.md §6): the crop is un-normalised from CLIP's mean/std and re-normalised with
-the VFM's (ImageNet's) mean/std; the timm model runs with ``dynamic_img_size=True`` so any crop size works (sides
-that are not a multiple of the patch lose their remainder, as a stride-``p`` patch convolution does); the features
-are the final-norm patch tokens with the CLS and register tokens dropped.
+Features, as ProxyCLIP's / FSA's code takes them (spec fsa.md §6): the crop is un-normalised from CLIP's mean/std and
+re-normalised with the VFM's (ImageNet's) mean/std. Then
+
+* ViTs (DINO, DINOv2, MAE): the crop as is (sides that are not a multiple of the patch lose their remainder, as a
+  stride-``p`` patch convolution does); the positional embedding is resampled to the crop's grid as the official
+  model does it (:mod:`rfclip.models.pos_embed`: DINO's ``(h + 0.1) / h0`` scale factor, DINOv2-with-registers'
+  antialiased resize, MAE's plain bicubic resize); the features are the final-norm patch tokens, CLS and register
+  tokens dropped. ProxyCLIP resizes MAE's input to ``slide_crop`` x ``slide_crop`` (its MAE is built for that size);
+  the standard configs' crops already have that size, and other crops are used as they are here.
+* SAM: the crop resized bilinearly to the encoder's input size (1024 x 1024), the image encoder's neck output
+  (256 channels) on its 64 x 64 grid, whatever the crop size.
 """
 
 from __future__ import annotations
@@ -25,11 +35,13 @@ import urllib.parse
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..errors import RfclipError, WeightsNotFoundError
 from .hub import _one_line, cached_hub_file, offline_requested, reachable
+from .pos_embed import POSITION_RULES, PositionRule, resample_patch_pos_embed
 
 DEFAULT_VFM = "vit_base_patch8_224.dino"  # ProxyCLIP's and FSA's default: DINO ViT-B/8
 
@@ -37,9 +49,14 @@ VFM_ALIASES = {
     "dino": "vit_base_patch8_224.dino",
     "dino_b8": "vit_base_patch8_224.dino",
     "dino_b16": "vit_base_patch16_224.dino",
-    "dinov2": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov2": "vit_base_patch14_reg4_dinov2.lvd142m",  # ProxyCLIP loads dinov2_vitb14_reg
     "dinov2_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov2_noreg": "vit_base_patch14_dinov2.lvd142m",
     "mae": "vit_base_patch16_224.mae",
+    "sam": "samvit_base_patch16.sa1b",  # ProxyCLIP's default SAM: sam_vit_b_01ec64.pth
+    "sam_b": "samvit_base_patch16.sa1b",
+    "sam_l": "samvit_large_patch16.sa1b",  # sam_vit_l_0b3195.pth
+    "sam_h": "samvit_huge_patch16.sa1b",  # sam_vit_h_4b8939.pth
 }
 
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -47,12 +64,13 @@ _ETAG_TIMEOUT_S = 10.0
 
 
 def resolve_vfm_name(name: str) -> str:
-    """An alias (``dino``, ``dinov2``, ``mae``, ...) -> its timm name; timm names pass through."""
+    """An alias (``dino``, ``dinov2``, ``mae``, ``sam``, ...) -> its timm name; timm names pass through."""
     return VFM_ALIASES.get(str(name).strip().lower(), str(name).strip())
 
 
 def vfm_kind(name: str) -> str:
-    """``"mae"``, ``"dinov2"``, ``"dino"``, ``"sam"`` or ``"other"`` from a timm name (decides FSA's lambda)."""
+    """``"mae"``, ``"dinov2"``, ``"dino"``, ``"sam"`` or ``"other"`` from a timm name (decides FSA's lambda and the
+    positional-embedding rule)."""
     lowered = resolve_vfm_name(name).lower()
     for kind in ("mae", "dinov2", "dino", "sam"):
         if kind in lowered:
@@ -60,26 +78,50 @@ def vfm_kind(name: str) -> str:
     return "other"
 
 
+def position_rule(kind: str, model: nn.Module) -> PositionRule:
+    """How the official model of a VFM ``kind`` resamples its positions (:mod:`rfclip.models.pos_embed`)."""
+    if kind == "dino":
+        return POSITION_RULES["dino"]
+    if kind == "dinov2":  # hub *_reg models: offset 0, antialias; plain dinov2_vit*14: offset 0.1, no antialias
+        has_registers = getattr(model, "reg_token", None) is not None
+        return POSITION_RULES["size_antialias" if has_registers else "dino"]
+    if kind == "mae":
+        return POSITION_RULES["size"]
+    return POSITION_RULES["size_antialias"]  # timm's own resampling
+
+
+def _patch_size(patch) -> tuple[int, int]:
+    return (int(patch[0]), int(patch[1])) if isinstance(patch, (tuple, list)) else (int(patch),) * 2
+
+
 class VisionFoundationModel(nn.Module):
     """A timm ViT giving dense patch features of CLIP-normalised crops.
 
     ``features(images)`` -> ``(G, grid)``: G (B, H*W, c) final-norm patch tokens (prefix tokens dropped), in raster
-    order over ``grid`` = (H, W), in the autocast dtype if one is active.
+    order over ``grid`` = (H, W), in the autocast dtype if one is active. ``positions``: the rule that resamples the
+    positional embedding to the crop's grid (default: the official model's, from ``name``; see
+    :func:`position_rule`).
     """
 
-    def __init__(self, model: nn.Module, name: str = "custom", source: str = "module"):
+    _VIT_PARTS = ("patch_embed", "pos_embed", "pos_drop", "patch_drop", "norm_pre", "blocks", "norm")
+
+    def __init__(self, model: nn.Module, name: str = "custom", source: str = "module",
+                 positions: str | PositionRule | None = None):
         super().__init__()
-        if not hasattr(model, "forward_features") or not hasattr(model, "patch_embed"):
-            raise RfclipError(f"the VFM must be a timm vision transformer (with patch_embed and forward_features), "
-                              f"got {type(model).__name__}")
-        if not getattr(model, "dynamic_img_size", False):
-            raise RfclipError("the VFM must accept any crop size: create the timm model with dynamic_img_size=True")
+        self._check(model)
         self.model = model.eval().requires_grad_(False)
         self.name = name
         self.source = source
-        patch = model.patch_embed.patch_size
-        self.patch_size = (int(patch[0]), int(patch[1])) if isinstance(patch, (tuple, list)) else (int(patch),) * 2
+        self.patch_size = _patch_size(model.patch_embed.patch_size)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        if isinstance(positions, str):
+            if positions not in POSITION_RULES:
+                raise RfclipError(f"unknown positions rule '{positions}'; choose one of: {', '.join(POSITION_RULES)}")
+            positions = POSITION_RULES[positions]
+        self.positions = positions if positions is not None else position_rule(self.kind, model)
+        # Positions are added here (not by timm's forward) where the model has the standard timm ViT parts.
+        self._own_positions = (all(hasattr(model, part) for part in self._VIT_PARTS) and hasattr(model, "_pos_embed")
+                               and model.pos_embed is not None)
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
         std = tuple(cfg.get("std") or IMAGENET_STD)
@@ -89,6 +131,14 @@ class VisionFoundationModel(nn.Module):
         self.register_buffer("_scale", (clip_std / std_t).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_shift", ((clip_mean - mean_t) / std_t).view(1, 3, 1, 1), persistent=False)
 
+    @staticmethod
+    def _check(model: nn.Module) -> None:
+        if not hasattr(model, "forward_features") or not hasattr(model, "patch_embed"):
+            raise RfclipError(f"the VFM must be a timm vision transformer (with patch_embed and forward_features), "
+                              f"got {type(model).__name__}")
+        if not getattr(model, "dynamic_img_size", False):
+            raise RfclipError("the VFM must accept any crop size: create the timm model with dynamic_img_size=True")
+
     @property
     def kind(self) -> str:
         return vfm_kind(self.name)
@@ -97,6 +147,37 @@ class VisionFoundationModel(nn.Module):
         """The VFM patch grid for a crop of ``height`` x ``width`` pixels."""
         return height // self.patch_size[0], width // self.patch_size[1]
 
+    def _embed(self, x: Tensor) -> Tensor:
+        """timm's patch embedding and prefix tokens, with the positions resampled by :attr:`positions`."""
+        m = self.model
+        x = m.patch_embed(x)  # (B, h, w, C): timm's dynamic_img_size patch embedding is NHWC
+        B, h, w, C = x.shape
+        x = x.reshape(B, h * w, C)
+        prefix = [t.expand(B, -1, -1) for t in (getattr(m, "cls_token", None), getattr(m, "reg_token", None))
+                  if t is not None]
+        pos_prefix = 0 if getattr(m, "no_embed_class", False) else self.num_prefix_tokens
+        patch_pos = resample_patch_pos_embed(m.pos_embed[:, pos_prefix:], (h, w), m.patch_embed.grid_size,
+                                             self.positions)  # (1, h*w, C)
+        if pos_prefix == 0:  # the positions do not cover the prefix tokens (DINOv2 with registers in timm)
+            x = torch.cat(prefix + [x + patch_pos], dim=1)
+        else:  # DINO, MAE: [CLS, patches] + [pos_CLS, patch positions]
+            x = torch.cat(prefix + [x], dim=1) + torch.cat([m.pos_embed[:, :pos_prefix], patch_pos], dim=1)
+        return m.pos_drop(x)
+
+    def _encode(self, x: Tensor) -> Tensor:
+        """VFM-normalised crops (B, 3, H, W) -> patch tokens (B, H*W, c)."""
+        if self._own_positions:
+            m = self.model
+            tokens = m.norm(m.blocks(m.norm_pre(m.patch_drop(self._embed(x)))))  # timm's forward_features
+        else:
+            tokens = self.model.forward_features(x)  # (B, prefix + H*W, c), final norm applied
+        if tokens.ndim == 4:  # NHWC output (some timm models)
+            return tokens.flatten(1, 2)
+        return tokens[:, self.num_prefix_tokens:]
+
+    def _renormalise(self, images: Tensor) -> Tensor:
+        return images.float() * self._scale + self._shift
+
     @torch.no_grad()
     def features(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch features of CLIP-normalised crops ``images`` (B, 3, H, W)."""
@@ -104,16 +185,54 @@ class VisionFoundationModel(nn.Module):
         if grid[0] < 1 or grid[1] < 1:
             raise RfclipError(f"crop of {images.shape[-2]}x{images.shape[-1]} px is smaller than the VFM patch "
                               f"{self.patch_size[0]}x{self.patch_size[1]}; use larger images or --slide-crop")
-        x = images[..., : grid[0] * self.patch_size[0], : grid[1] * self.patch_size[1]].float()
-        x = x * self._scale + self._shift
-        tokens = self.model.forward_features(x)  # (B, prefix + H*W, c), final norm applied
-        if tokens.ndim == 4:  # NHWC output (some timm models)
-            tokens = tokens.flatten(1, 2)
-        else:
-            tokens = tokens[:, self.num_prefix_tokens:]
+        x = self._renormalise(images[..., : grid[0] * self.patch_size[0], : grid[1] * self.patch_size[1]])
+        tokens = self._encode(x)
         if tokens.shape[1] != grid[0] * grid[1]:
             raise RfclipError(f"VFM {self.name} gave {tokens.shape[1]} patch tokens for a {grid[0]}x{grid[1]} grid")
         return tokens, grid
+
+
+class SamImageEncoder(VisionFoundationModel):
+    """SAM's image encoder (timm ``samvit_*``) as a VFM, as ProxyCLIP's code uses it: the ImageNet-normalised crop
+    resized bilinearly to the encoder's input size (1024 x 1024 for the released models), the neck's output
+    (B, 256, 64, 64) flattened to (B, 4096, 256) tokens on the 64 x 64 grid, whatever the crop size."""
+
+    @staticmethod
+    def _check(model: nn.Module) -> None:
+        if not all(hasattr(model, part) for part in ("patch_embed", "forward_features", "neck")):
+            raise RfclipError(f"a SAM VFM must be a timm VisionTransformerSAM (patch_embed, neck, forward_features), "
+                              f"got {type(model).__name__}")
+
+    @property
+    def kind(self) -> str:
+        return "sam"
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        size = self.model.patch_embed.img_size
+        return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size),) * 2
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        return self.input_size[0] // self.patch_size[0], self.input_size[1] // self.patch_size[1]
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x = self._renormalise(images)
+        if tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        maps = self.model.forward_features(x)  # (B, 256, 64, 64): the neck output
+        grid = (int(maps.shape[-2]), int(maps.shape[-1]))
+        return maps.flatten(2).transpose(1, 2), grid
+
+
+def wrap_vfm(model: nn.Module, name: str | None = None, source: str = "module",
+             positions: str | PositionRule | None = None) -> VisionFoundationModel:
+    """A timm module as a VFM: SAM image encoders (they have a ``neck``) as :class:`SamImageEncoder`, ViTs as
+    :class:`VisionFoundationModel`."""
+    name = name or type(model).__name__
+    if hasattr(model, "neck") and vfm_kind(name) in ("sam", "other"):
+        return SamImageEncoder(model, name=name, source=source)
+    return VisionFoundationModel(model, name=name, source=source, positions=positions)
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -245,7 +364,7 @@ def load_vfm(vfm: str | nn.Module | VisionFoundationModel = DEFAULT_VFM, checkpo
     if isinstance(vfm, VisionFoundationModel):
         model = vfm
     elif isinstance(vfm, nn.Module):
-        model = VisionFoundationModel(vfm, name=type(vfm).__name__, source="module")
+        model = wrap_vfm(vfm)
         if checkpoint is not None:
             load_state_into(vfm, read_state_dict(checkpoint), model.name, os.fspath(checkpoint))
     else:
@@ -257,14 +376,15 @@ def load_vfm(vfm: str | nn.Module | VisionFoundationModel = DEFAULT_VFM, checkpo
                               f"{', '.join(sorted(VFM_ALIASES))}")
         path = os.fspath(checkpoint) if checkpoint is not None else (cached_vfm_weights(name) or _download(name))
         state = read_state_dict(path)  # read before building the model: bad files fail fast
+        # SAM's encoder runs at its fixed input size (crops are resized to it); ViTs take any crop size.
+        kwargs = {} if name.startswith("samvit") else {"dynamic_img_size": True}
         try:
-            net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+            net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
         except Exception as err:
             raise RfclipError(f"timm cannot build VFM {name} ({_one_line(err)}); choose a timm vision "
                               f"transformer") from None
         load_state_into(net, state, name, path)
-        model = VisionFoundationModel(net, name=name, source=path)
+        model = wrap_vfm(net, name=name, source=path)
     if device is not None:
         model = model.to(device)
     return model
-
