@@ -74,8 +74,7 @@ RELEASE_FIRST_FILTERED_LAYER = 1  # forward: the filter runs after every block, 
 #                                  # not filtered (L289-296)
 RELEASE_ENHANCE_THRESHOLD = 0.4  # feat_enhancing(beta=0.4): simi[simi < beta] = 0 (L242-267)
 RELEASE_TOPK_PATCHES = 2  # custom_segmentor.py _compute_topk_similarities(k=2) (L106-158)
-RELEASE_PIXEL_MEAN = (122.771, 116.746, 104.094)  # custom_segmentor.py SegDataPreProcessor (L44): CLIP's
-RELEASE_PIXEL_STD = (68.501, 66.632, 70.323)  # mean/std x 255 rounded to 3 decimals, 0-255 scale
+# Image normalisation: MMSEG_CLIP_MEAN / MMSEG_CLIP_STD above (custom_segmentor.py SegDataPreProcessor, L44).
 # configs/cfg_*.py: global_semantics_weight, mean_vector_weight, h_threshold, prob_thd, slide_crop (224 = the
 # segmentor default 224/112, custom_segmentor.py L37-38); Cityscapes (cfg_city_scapes.py) also resizes to 560 and
 # takes each crop's own [CLS] (forward_slide's dataset check).

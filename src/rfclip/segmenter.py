@@ -77,7 +77,9 @@ class Segmenter:
                 f"inference takes: {', '.join(sorted(config_names))}"
             )
         self.config = _checked(InferenceConfig(**{k: v for k, v in options.items() if k in config_names}))
-        self.method = build_method(method, plugins, **{k: v for k, v in options.items() if k in method_names})
+        self.method_options = {k: v for k, v in options.items() if k in method_names}  # as given (not defaults)
+        self._method_spec = (method, tuple(plugins))
+        self.method = build_method(method, plugins, **self.method_options)
         self.amp_dtype = autocast_dtype(self.device, method_precision(self.config.precision, self.method))
         self.method_name = method if not plugins else "+".join([method, *plugins])
 
@@ -103,6 +105,21 @@ class Segmenter:
         clone = object.__new__(Segmenter)
         clone.__dict__.update(self.__dict__)
         clone.config = _checked(replace(self.config, **changes))
+        clone.amp_dtype = autocast_dtype(self.device, method_precision(clone.config.precision, clone.method))
+        return clone
+
+    def with_method_defaults(self, **options) -> "Segmenter":
+        """A shallow copy whose method is rebuilt with ``options`` under the options given at construction (which
+        win), e.g. a settings preset's per-dataset method options. Options the method does not take are an error."""
+        method, plugins = self._method_spec
+        unknown = sorted(set(options) - method_option_names(method, plugins))
+        if unknown:
+            raise RfclipError(f"method '{self.method_name}' does not take option(s) {', '.join(unknown)}")
+        merged = {**options, **self.method_options}
+        clone = object.__new__(Segmenter)
+        clone.__dict__.update(self.__dict__)
+        clone.method = build_method(method, plugins, **merged)
+        clone.method.prepare(self.clip)
         clone.amp_dtype = autocast_dtype(self.device, method_precision(clone.config.precision, clone.method))
         return clone
 
