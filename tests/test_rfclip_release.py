@@ -397,6 +397,30 @@ def test_options_and_guards(tiny):
     assert seg.amp_dtype == torch.bfloat16  # an explicit precision wins over the method's fp32 default
 
 
+def test_vitl14_geometry_builtin_dims():
+    """ViT-L/14 width and patch size (3 blocks for speed) named as OpenAI's ViT-L-14: the built-in L/14 dims are
+    used (no option), planted tokens are filtered in every layer, and a batch equals its crops alone."""
+    import dataclasses
+
+    cfg = dict(embed_dim=768, quick_gelu=True, vision_cfg=dict(image_size=224, layers=3, width=1024, patch_size=14,
+                                                               head_width=64),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
+    dims = DISTRACTION_DIMS[("ViT-L-14", "openai")]
+    clip = dataclasses.replace(plant_distraction_tokens(make_clip(cfg), TOKENS, dims), name="ViT-L-14",
+                               pretrained="openai")
+    seg = Segmenter(clip, method="rfclip_release", **FAST)
+    assert seg.method._dims == dims
+    rec: dict = {}
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = seg.encoder(images, seg.method, record=rec)
+        alone = seg.encoder(images[1:], seg.method)
+    assert out.grid == (16, 16)
+    assert all(bool(rec[f"rf.L{layer}.dis"][0][:, TOKENS].all()) for layer in range(1, 4))
+    torch.testing.assert_close(out.features[1:], alone.features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.cls[1:], alone.cls, atol=1e-5, rtol=1e-5)
+
+
 # ============================================================================================ preset and evaluation
 def test_preset_table():
     from rfclip.data.settings import get_settings, preset_method
@@ -487,3 +511,18 @@ def test_cli_eval_all_preset_table(voc, tmp_path, capsys, monkeypatch):
     assert "ours (rfclip_release, rfclip_release preset)" in md
     assert "per dataset: global_semantics_weight, mean_vector_weight" in md
     assert "global_semantics_weight 0.4" in md and "global_semantics_weight 0.1" in md
+
+
+def test_cli_segment_method(voc, tmp_path, capsys, monkeypatch):
+    from rfclip.cli import main
+
+    monkeypatch.setenv("RFCLIP_CACHE", str(voc["cache"]))
+    image = next((voc["root"] / "JPEGImages").iterdir())
+    code = main(["segment", str(image), "--classes", "road;car;tree;sky", "--method", "rfclip_release", "--option",
+                 "distraction_dims=1,5,9", "--option", "cls_source=crop", "--checkpoint", str(voc["ckpt"]), "--out",
+                 str(tmp_path), "--device", "cpu", "--short-side", "64", "-q"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    record = json.loads((tmp_path / f"{image.stem}.json").read_text())
+    assert record["method"] == "rfclip_release" and record["method_options"]["cls_source"] == "crop"
+    assert record["precision"] == {"asked": "auto", "used": "float32"}
