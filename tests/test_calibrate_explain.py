@@ -13,7 +13,7 @@ from PIL import Image
 from rfclip.calibrate import calibrate, embedding_weights
 from rfclip.distraction_dims import dims_file_for, load_dims_file, resolve_distraction_dims
 from rfclip.errors import RfclipError
-from rfclip.explain import explain
+from rfclip.explain import explain, explain_figures
 from rfclip.segmenter import Segmenter
 
 PLANTED = (7, 33)
@@ -121,3 +121,11 @@ def test_explain_writes_readable_images(tiny_clip, tmp_path):
     other = Segmenter(tiny_clip, method="kk", device="cpu", text_cache=False)
     with pytest.raises(RfclipError, match="rfclip"):
         explain(other, image, None, tmp_path / "ex3")
+    # The same pictures and numbers as arrays, without files (what the web demo shows for a clicked point).
+    figures = explain_figures(seg, image, "cat;dog", query_point=(100, 60), layers="0-1")
+    assert not figures.files and not (tmp_path / "ex2").exists()
+    assert set(figures.figures) == set(result.files) - {"summary"}
+    assert {k: v for k, v in summary.items() if k != "files"} == figures.summary
+    for name, fig in figures.figures.items():
+        with Image.open(result.files[name]) as im:
+            assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(fig.convert("RGB"))), name

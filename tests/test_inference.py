@@ -125,6 +125,24 @@ def test_unknown_method_and_option(tiny_clip):
     assert seg.method.gaussian_std == 3.0 and seg.config.slide_crop == 0
 
 
+def test_with_method_shares_the_model_and_equals_a_fresh_segmenter(segmenter, random_image):
+    """A method switch reuses the loaded model, encoder and text cache, and segments as a new Segmenter would."""
+    text = segmenter.encode_classes(CLASSES)
+    other = segmenter.with_method("sclip", pamr=True)
+    assert other.clip is segmenter.clip and other.encoder is segmenter.encoder and other.text is segmenter.text
+    assert other.method_name == "sclip" and other.config.pamr and not segmenter.config.pamr
+    assert segmenter.method_name == "naclip" and segmenter.method.name == "naclip"
+    fresh = Segmenter(segmenter.clip, method="sclip", device="cpu", text_cache=False, pamr=True)
+    np.testing.assert_allclose(other.segment(random_image, text).probs, fresh.segment(random_image, text).probs,
+                               atol=1e-6)
+    fsa = segmenter.with_method("naclip", plugins=["fsa"], gaussian_std=3.0)
+    assert fsa.method_name == "naclip+fsa" and fsa.method.options()["gaussian_std"] == 3.0
+    with pytest.raises(RfclipError, match="unknown option"):
+        segmenter.with_method("sclip", gaussian_std=3.0)
+    with pytest.raises(RfclipError, match="unknown method"):
+        segmenter.with_method("nope")
+
+
 def test_text_cache_on_disk(tiny_clip, tmp_path):
     from rfclip.text import TextClassifier
 

@@ -35,8 +35,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .devices import parse_device
 from .constants import CLIP_PIXEL_MEAN, MMSEG_CLIP_MEAN
+from .devices import parse_device
 from .errors import RfclipError
 
 RESULT_KEYS = ("miou", "aacc", "macc", "iou", "acc", "per_class_iou", "num_images", "images_per_s", "seconds", "counts")

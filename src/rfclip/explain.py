@@ -1,9 +1,9 @@
 """RF-CLIP's diagnostics as pictures (the paper's Figures 2-4): what each layer attends to, which tokens are
 distractions, where the defocused foreground is, and which embedding dimensions are over-activated.
 
-:func:`explain` runs one forward of RF-CLIP over the whole resized image (one window, so every map covers the
-whole picture; the segmentation itself uses the segmenter's sliding windows) with recording switched on, and
-writes into ``out_dir``:
+:func:`explain_figures` runs one forward of RF-CLIP over the whole resized image (one window, so every map covers
+the whole picture; the segmentation itself uses the segmenter's sliding windows) with recording switched on, and
+returns the pictures (PIL images) and the numbers; :func:`explain` writes them into ``out_dir``:
 
 * ``attention.png``: per layer, the head-averaged attention row of the query patch over the image, before and after
   redistribution (same colour scale within a layer, so the loss on the distraction tokens is visible), and the
@@ -39,10 +39,12 @@ _PANEL = 288  # long side of one picture panel, in pixels
 
 @dataclass
 class ExplainResult:
-    """Files written by :func:`explain` (name -> path) and the numbers in ``summary.json``."""
+    """The pictures (name -> PIL image, named as the files), the files written by :func:`explain` (name -> path;
+    empty from :func:`explain_figures`) and the numbers in ``summary.json``."""
 
     files: dict[str, Path] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+    figures: dict[str, Image.Image] = field(default_factory=dict)
 
 
 def _find_rfclip(method):
@@ -98,8 +100,27 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
         layers: layers to draw (0-based; ``"0-5,11"``, a list, or None for all).
 
     Returns:
-        :class:`ExplainResult` with the written files and the summary.
+        :class:`ExplainResult` with the pictures, the written files and the summary.
     """
+    from . import viz
+
+    result = explain_figures(segmenter, image, classes=classes, query_point=query_point, layers=layers)
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, fig in result.figures.items():
+        result.files[name] = viz.save_image_atomic(fig, out / f"{name}.png")
+    result.summary["files"] = {k: v.name for k, v in result.files.items()}
+    summary_path = out / "summary.json"
+    with atomic_open(summary_path, "w", encoding="utf-8") as f:
+        json.dump(result.summary, f, indent=1)
+    result.files["summary"] = summary_path
+    return result
+
+
+def explain_figures(segmenter, image, classes=None, query_point: tuple[float, float] | None = None,
+                    layers=None) -> ExplainResult:
+    """RF-CLIP's per-layer diagnostics for one image as pictures, without writing files (arguments as for
+    :func:`explain`). The figures are named as :func:`explain`'s files (``attention``, ``tokens``, ``phi``, ...)."""
     from . import viz
     from .calibrate import embedding_weights, token_profiles
     from .inference import load_image, preprocess, rescale_size
@@ -109,8 +130,6 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
     if method is None:
         raise RfclipError(f"explain draws RF-CLIP's diagnostics; build the segmenter with method='rfclip' "
                           f"(or rfclip_nodefocus / rfclip_code_embed), not '{getattr(segmenter, 'method_name', '?')}'")
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     encoder = segmenter.encoder
     device = segmenter.device
     img = load_image(image)
@@ -167,7 +186,7 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
     def grid_map(vec):
         return np.asarray(vec, np.float32).reshape(gh, gw)
 
-    files: dict[str, Path] = {}
+    figures: dict[str, Image.Image] = {}
     per_layer = []
     att_panels, att_titles = [], []
     sa_panels, sa_titles = [], []
@@ -231,7 +250,7 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
 
     def save(name, panels, titles, ncols):
         if panels:
-            files[name] = viz.save_image_atomic(viz.grid_figure(panels, titles, ncols=ncols), out / f"{name}.png")
+            figures[name] = viz.grid_figure(panels, titles, ncols=ncols)
 
     save("attention", att_panels, att_titles, 6)
     save("self_attention", sa_panels, sa_titles, 6)
@@ -241,10 +260,10 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
     plot = viz.line_plot(mean_weight, highlight=dims,
                          title=f"mean embedding weight per dimension ({gh * gw} tokens, layer-averaged input)",
                          xlabel="dimension", ylabel="mean weight", size=(1100, 360))
-    files["embedding_weights"] = viz.save_image_atomic(plot, out / "embedding_weights.png")
+    figures["embedding_weights"] = plot
     if classes is not None:
         seg = segmenter.segment(img, text)
-        files["segmentation"] = viz.save_image_atomic(viz.overlay(img, seg.mask, seg.classes), out / "segmentation.png")
+        figures["segmentation"] = viz.overlay(img, seg.mask, seg.classes)
     order = np.argsort(-mean_weight)[:16]
     summary = {
         "image_size": [H0, W0],
@@ -258,10 +277,5 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
         "alpha": method.alpha,
         "layers": per_layer,
         "top_mean_weight_dims": [int(d) for d in order],
-        "files": {k: v.name for k, v in files.items()},
     }
-    summary_path = out / "summary.json"
-    with atomic_open(summary_path, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    files["summary"] = summary_path
-    return ExplainResult(files=files, summary=summary)
+    return ExplainResult(summary=summary, figures=figures)

@@ -49,6 +49,20 @@ def _checked(cfg: InferenceConfig) -> InferenceConfig:
                    pixel_std=tuple(float(v) for v in cfg.pixel_std))
 
 
+def _split_options(method: str, plugins: Sequence[str], options: dict) -> tuple[dict, dict]:
+    """Keyword options -> (method options, inference settings); a name neither takes is an error listing both."""
+    method_names = method_option_names(method, plugins)
+    config_names = InferenceConfig.field_names()
+    unknown = sorted(set(options) - method_names - config_names)
+    if unknown:
+        raise RfclipError(
+            f"unknown option(s) {', '.join(unknown)}; method '{method}' takes: {', '.join(sorted(method_names)) or 'none'}; "
+            f"inference takes: {', '.join(sorted(config_names))}"
+        )
+    return ({k: v for k, v in options.items() if k in method_names},
+            {k: v for k, v in options.items() if k in config_names})
+
+
 class Segmenter:
     """Training-free open-vocabulary segmentation with a CLIP ViT.
 
@@ -68,18 +82,11 @@ class Segmenter:
                  plugins: Sequence[str] = (), checkpoint: str | os.PathLike | None = None, device=None,
                  templates: Sequence[str] | None = None, text_cache=None, quick_gelu: bool | None = None, **options):
         self.device = resolve_device(device)
-        method_names = method_option_names(method, plugins)
-        config_names = InferenceConfig.field_names()
-        unknown = sorted(set(options) - method_names - config_names)
-        if unknown:
-            raise RfclipError(
-                f"unknown option(s) {', '.join(unknown)}; method '{method}' takes: {', '.join(sorted(method_names)) or 'none'}; "
-                f"inference takes: {', '.join(sorted(config_names))}"
-            )
-        self.config = _checked(InferenceConfig(**{k: v for k, v in options.items() if k in config_names}))
-        self.method_options = {k: v for k, v in options.items() if k in method_names}  # as given (not defaults)
+        method_options, config_options = _split_options(method, plugins, options)
+        self.config = _checked(InferenceConfig(**config_options))
+        self.method_options = method_options  # as given (not the defaults): preset method options never override them
         self._method_spec = (method, tuple(plugins))
-        self.method = build_method(method, plugins, **self.method_options)
+        self.method = build_method(method, plugins, **method_options)
         self.amp_dtype = autocast_dtype(self.device, method_precision(self.config.precision, self.method))
         self.method_name = method if not plugins else "+".join([method, *plugins])
 
@@ -121,6 +128,23 @@ class Segmenter:
         clone.method = build_method(method, plugins, **merged)
         clone.method.prepare(self.clip)
         clone.amp_dtype = autocast_dtype(self.device, method_precision(clone.config.precision, clone.method))
+        return clone
+
+    def with_method(self, method: str, plugins: Sequence[str] = (), **options) -> "Segmenter":
+        """A copy that runs another method on the same loaded model, encoder and text cache (no reload).
+
+        ``options`` are the new method's options and inference settings that change (as for the constructor);
+        inference settings not given stay as they are here.
+        """
+        method_options, config_options = _split_options(method, plugins, options)
+        built = build_method(method, plugins, **method_options)
+        built.prepare(self.clip)
+        clone = self.with_config(**config_options)
+        clone.method = built
+        clone.method_name = method if not plugins else "+".join([method, *plugins])
+        clone.method_options = method_options
+        clone._method_spec = (method, tuple(plugins))
+        clone.amp_dtype = autocast_dtype(self.device, method_precision(clone.config.precision, built))
         return clone
 
     def forward_encoder(self):

@@ -59,8 +59,9 @@ def upsample_values(values: Tensor, grid: tuple[int, int], size: tuple[int, int]
 @register_method
 @dataclasses.dataclass
 class ProxyCLIP(Method):
-    """ProxyCLIP. ``vfm``: a timm model name, an alias (dino, dino_b16, dinov2, mae) or a loaded module;
-    ``vfm_checkpoint``: local weights for it; ``beta``/``gamma``: the proxy attention's shift and scale."""
+    """ProxyCLIP. ``vfm``: a timm model name, an alias (dino, dino_b16, dinov2, dinov2_noreg, mae, sam, sam_l,
+    sam_h) or a loaded module (see :mod:`rfclip.models.vfm`); ``vfm_checkpoint``: local weights for it (also the
+    official DINO / DINOv2 / MAE / SAM files); ``beta``/``gamma``: the proxy attention's shift and scale."""
 
     name = "proxyclip"
     description = "ProxyCLIP: last block attends with VFM (DINO ViT-B/8) feature similarities, CLIP values upsampled"

@@ -1,0 +1,148 @@
+"""``rfclip demo``: start the local web page (Segment, Compare, Look inside) on one loaded model."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+
+from ..errors import RfclipError, WeightsNotFoundError
+from . import common
+
+DESCRIPTION = """\
+Start a local web page to segment your own images with the classes you type (or a
+benchmark's vocabulary), compare two methods side by side, and look inside CLIP:
+click a point to see its attention in every layer before and after RF-CLIP's
+redistribution, and the distraction tokens. The model loads once; requests queue.
+Needs the demo extra: pip install "rfclip[demo]" (Gradio)."""
+
+EXAMPLES = """\
+examples:
+  rfclip demo                                      ViT-B-16 openai (downloaded on first use)
+  rfclip demo --checkpoint ViT-B-16.pt             local weights (offline)
+  rfclip demo --model ViT-L-14 --pretrained openai --device cuda --port 8080
+  rfclip demo --checkpoint clip.safetensors --option distraction_dims=4,162,189
+
+The page opens at http://127.0.0.1:7860 (this machine only; --host 0.0.0.0 serves
+the network). Method options given here (--option KEY=VALUE) fill the page's
+"Method options" field; inference flags set the page's starting settings.
+"""
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got '{text}'") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {value}")
+    return value
+
+
+def _megapixels(text: str) -> float:
+    value = common._float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value:g}")
+    return value
+
+
+def add_parser(subparsers) -> None:
+    from ..demo.engine import MAX_MEGAPIXELS
+
+    p = subparsers.add_parser("demo", help="start a local web page: segment, compare methods, look inside CLIP",
+                              description=DESCRIPTION, epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                        help="address to listen on (default: 127.0.0.1, this machine only)")
+    server.add_argument("--port", type=_port, default=7860, metavar="N", help="port (default: 7860)")
+    server.add_argument("--max-megapixels", type=_megapixels, default=MAX_MEGAPIXELS, metavar="MP",
+                        help=f"largest image the page accepts, in megapixels (default: {MAX_MEGAPIXELS:g})")
+    common.add_model_options(p)
+    common.add_method_options(p)
+    common.add_inference_options(p)
+
+
+def _require_gradio() -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise RfclipError("the web demo needs Gradio, which is not installed; install it with "
+                          "pip install \"rfclip[demo]\"") from None
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail before the model loads when the address cannot be served (unknown host, port in use)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise RfclipError(f"cannot serve on {host}: unknown address ({getattr(err, 'strerror', None) or err}); "
+                          "give an address of this machine with --host, e.g. 127.0.0.1") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            sock.bind(address)
+        except OSError as err:
+            raise RfclipError(f"cannot serve on {host}:{port}: {err.strerror or err}; choose another --port "
+                              "(or stop the program that uses it)") from None
+
+
+def _option_text(options: dict) -> str:
+    def fmt(value):
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return str(value)
+
+    return " ".join(f"{key}={fmt(value)}" for key, value in options.items())
+
+
+def run(args) -> int:
+    _require_gradio()
+    from ..demo.app import build_app, serve
+    from ..demo.engine import DemoEngine, ModelInfo, Settings, all_method_options
+    from ..inference import InferenceConfig
+    from ..methods import method_option_names
+    from ..segmenter import Segmenter
+
+    # Everything typed is checked before the model loads.
+    spec = "+".join([args.method, *args.plugin])
+    method_option_names(spec)  # an unknown method or plug-in is an error now, not in the page
+    options = common.segmenter_options(args)
+    config_names = InferenceConfig.field_names()
+    config = {k: v for k, v in options.items() if k in config_names}
+    method_options = {k: v for k, v in options.items() if k not in config_names}
+    unknown = sorted(set(method_options) - all_method_options())
+    if unknown:
+        raise RfclipError(f"unknown option(s) {', '.join(unknown)}; the methods take: "
+                          f"{', '.join(sorted(all_method_options()))}; inference takes: {', '.join(sorted(config_names))}")
+    common.check_checkpoint_path(args.checkpoint)
+    check_address(args.host, args.port)
+
+    src = args.checkpoint or f"{args.model} ({args.pretrained})"
+    print(f"rfclip demo: loading {src} ...", file=sys.stderr, flush=True)
+    unavailable = None
+    try:
+        base = Segmenter(args.model, args.pretrained, method="clip", checkpoint=args.checkpoint, device=args.device,
+                         quick_gelu=args.quick_gelu, **config)
+    except WeightsNotFoundError as err:  # offline without weights: the page explains how to start with --checkpoint
+        base, unavailable = None, " ".join(str(err).split())
+        print(f"rfclip demo: no model loaded: {unavailable}", file=sys.stderr, flush=True)
+    info = ModelInfo(model=getattr(getattr(base, "clip", None), "name", None) or args.model,
+                     pretrained=args.pretrained if not args.checkpoint else None, checkpoint=args.checkpoint,
+                     device=str(base.device) if base is not None else "")
+    engine = DemoEngine(base, info, unavailable=unavailable, max_megapixels=args.max_megapixels)
+    app = build_app(engine, method=spec, settings=Settings(options=_option_text(method_options)))
+    try:
+        url = serve(app, args.host, args.port, allowed_paths=[str(engine.out_root)])
+        print(f"rfclip demo: serving on {url} (Ctrl+C stops it)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("rfclip demo: stopped", file=sys.stderr)
+    finally:
+        app.close()
+        shutil.rmtree(engine.out_root, ignore_errors=True)
+    return 0

@@ -1,0 +1,294 @@
+"""The web demo without a browser: its engine (Segment, Compare, Look inside on one loaded model), bad input in the
+CLI's words, the page's construction and ``rfclip demo``'s start-up (weights missing offline, address in use).
+The browser drives the running page in test_demo_browser.py."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rfclip.cli import main
+from rfclip.demo.engine import (VOCABULARIES, DemoEngine, ModelInfo, Settings, inside_choices, method_choices,
+                                read_image, vocabulary_text)
+from rfclip.errors import RfclipError
+from rfclip.segmenter import Segmenter
+from rfclip.text import parse_classes
+
+DIMS = "distraction_dims=5,20,41"
+FAST = dict(short_side=224)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_clip, tmp_path_factory):
+    clip = copy.deepcopy(tiny_clip)
+    with torch.no_grad():  # planted distraction tokens, so that Look inside has something to show
+        for t in (20, 21, 100, 150):
+            clip.model.visual.positional_embedding[1 + t, 20] += 60.0
+    base = Segmenter(clip, method="clip", device="cpu", text_cache=False, templates=["a photo of a {}."])
+    return DemoEngine(base, ModelInfo("tiny", None, "tiny.safetensors", "cpu"),
+                      out_root=tmp_path_factory.mktemp("demo-out"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-in")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(root / "photo.png")
+    (root / "notes.txt").write_text("not an image\n")
+    (root / "broken.png").write_bytes((root / "photo.png").read_bytes()[:300])
+    return root
+
+
+def settings(**kw) -> Settings:
+    return Settings(**{**FAST, **kw})
+
+
+# ---------------------------------------------------------------------------------------------- the three views
+def test_segment_writes_the_files_rfclip_segment_writes(engine, images):
+    res = engine.segment(str(images / "photo.png"), "red;green, lime;blue", "naclip", settings())
+    assert res.method == "naclip" and res.classes == ["red", "green", "blue"]
+    assert sorted(p.name for p in res.files) == ["photo.json", "photo_mask.png", "photo_overlay.png"]
+    record = json.loads(next(p for p in res.files if p.suffix == ".json").read_text())
+    assert record["image"] == "photo.png" and record["method"] == "naclip"
+    assert record["image_size"] == {"width": 200, "height": 150} and record["settings"]["short_side"] == 224
+    assert record["classes"][1]["synonyms"] == ["green", "lime"]
+    with Image.open(next(p for p in res.files if p.name.endswith("_mask.png"))) as im:
+        mask = np.asarray(im)
+    assert im.mode == "P" and mask.shape == (150, 200)
+    np.testing.assert_array_equal(mask, res.reader.mask)
+    assert res.fractions == pytest.approx(list(record["fractions"].values()))
+    assert sum(res.fractions) == pytest.approx(1.0) and res.colours.shape == (3, 3)
+    with Image.open(res.overlay) as im:
+        assert im.height == 150 and im.width > 200  # the file has its legend panel
+    assert res.picture.size == (200, 150)  # the page shows the legend beside the picture
+    # Reading a pixel: its class and the probability of that class.
+    name = res.classes[int(mask[10, 20])]
+    text = res.reader.read(20, 10)
+    assert f"**{name}**" in text and "probability" in text
+    p = float(text.rsplit(" ", 1)[1])
+    assert 1 / 3 - 0.01 <= p <= 1.0
+    assert "outside the 200 x 150 image" in res.reader.read(250, 10)
+
+
+def test_method_switch_reuses_the_loaded_model(engine):
+    a = engine.segmenter("naclip", settings())
+    b = engine.segmenter("rfclip", settings(options=DIMS))
+    c = engine.segmenter("naclip+fsa", settings(pamr=True))
+    for seg in (a, b, c):
+        assert seg.clip is engine.base.clip and seg.encoder is engine.base.encoder and seg.text is engine.base.text
+    assert (a.method_name, b.method_name, c.method_name) == ("naclip", "rfclip", "naclip+fsa")
+    assert c.config.pamr and not a.config.pamr and a.config.short_side == 224
+    assert engine.segmenter("naclip", settings()).method is a.method  # built once per method and options
+    # Page options go to the methods that take them; a name no method takes is an error.
+    assert engine.segmenter("rfclip", settings(options=DIMS + " alpha=0.6")).method.alpha == 0.6
+    assert engine.segmenter("naclip", settings(options=DIMS + " alpha=0.6")).method_name == "naclip"
+    with pytest.raises(RfclipError, match="unknown method option.*alpah"):
+        engine.segmenter("rfclip", settings(options="alpah=0.6"))
+
+
+def test_compare_marks_disagreement(engine, images):
+    res = engine.compare(str(images / "photo.png"), "red;green;blue", "clip", "naclip", settings())
+    assert res.methods == ("clip", "naclip") and 0.0 <= res.agreement <= 1.0
+    assert all(im.size == (200, 150) for im in (*res.overlays, res.disagreement))
+    marked = np.asarray(res.disagreement).reshape(-1, 3)
+    magenta = (marked[:, 0] > 150) & (marked[:, 1] < 130) & (marked[:, 2] > 150)
+    assert magenta.mean() <= 1.0 - res.agreement + 0.05
+    assert all(sum(f) == pytest.approx(1.0) for f in res.fractions)
+    same = engine.compare(str(images / "photo.png"), "red;green;blue", "naclip", "naclip", settings())
+    assert same.agreement == 1.0
+
+
+def test_look_inside_draws_explain_pictures_for_the_point(engine, images):
+    res = engine.look_inside(str(images / "photo.png"), (150.0, 30.0), "rfclip", "0-1", settings(options=DIMS))
+    assert {"attention", "tokens", "phi", "fiedler", "self_attention", "embedding_weights"} <= set(res.figures)
+    assert [e["layer"] for e in res.summary["layers"]] == [0, 1]
+    assert res.summary["layers"][0]["distraction"] > 0 and res.summary["layers"][0]["redistributed"]
+    assert res.summary["query_point"] == [150.0, 30.0] and res.clicked.size == (200, 150)
+    centre = engine.look_inside(str(images / "photo.png"), None, "rfclip", "all", settings(options=DIMS))
+    assert centre.summary["query_point"] == [100.0, 75.0] and len(centre.summary["layers"]) == 3
+    assert "rfclip" in inside_choices() and "naclip" not in inside_choices()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("case, expected", [
+    ("text file", "cannot read image notes.txt"),
+    ("broken", "cannot read image broken.png"),
+    ("no image", "no image; upload an image"),
+    ("empty classes", "empty class list"),
+    ("duplicate class", "class 'red' is listed twice"),
+    ("unknown method", "unknown method 'nope'"),
+    ("bad option", "bad --option 'alpha'"),
+    ("bad setting", "slide stride must be a positive number"),
+    ("huge", "the demo takes images up to 0.01 MP"),
+])
+def test_bad_input_is_one_clear_message(engine, images, case, expected):
+    path, classes, method, page = str(images / "photo.png"), "red;green", "naclip", settings()
+    if case == "text file":
+        path = str(images / "notes.txt")
+    elif case == "broken":
+        path = str(images / "broken.png")
+    elif case == "no image":
+        path = None
+    elif case == "empty classes":
+        classes = " ; , "
+    elif case == "duplicate class":
+        classes = "red;green;red"
+    elif case == "unknown method":
+        method = "nope"
+    elif case == "bad option":
+        page = settings(options="alpha")
+    elif case == "bad setting":
+        page = settings(slide_stride=0)
+    big = DemoEngine(engine.base, engine.info, max_megapixels=0.01, out_root=engine.out_root) if case == "huge" else engine
+    with pytest.raises(RfclipError) as info:
+        big.segment(path, classes, method, page)
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+    assert str(images) not in message  # the upload's name, never the server's path
+    # ... and the next request still works.
+    assert engine.segment(str(images / "photo.png"), "red;green", "naclip", settings()).classes == ["red", "green"]
+
+
+def test_look_inside_bad_input(engine, images):
+    photo = str(images / "photo.png")
+    with pytest.raises(RfclipError, match="bad layers 'x'"):
+        engine.look_inside(photo, None, "rfclip", "x", settings(options=DIMS))
+    with pytest.raises(RfclipError, match="out of range"):
+        engine.look_inside(photo, None, "rfclip", "7", settings(options=DIMS))
+    with pytest.raises(RfclipError, match="outside"):
+        engine.look_inside(photo, (500.0, 5.0), "rfclip", "all", settings(options=DIMS))
+    with pytest.raises(RfclipError, match="explain draws RF-CLIP"):
+        engine.look_inside(photo, None, "naclip", "all", settings())
+    with pytest.raises(RfclipError, match="no distraction dimensions"):
+        engine.look_inside(photo, None, "rfclip", "all", settings())
+
+
+def test_read_image_size_limit_reads_only_the_header(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (4000, 3000)).save(path)
+    with pytest.raises(RfclipError, match=r"big.png is 4000x3000 pixels \(12 MP\); the demo takes images up to 10 MP"):
+        read_image(path, max_megapixels=10)
+    assert read_image(path, max_megapixels=12).shape == (3000, 4000, 3)
+
+
+def test_unavailable_model_answers_every_request_with_the_reason(images):
+    engine = DemoEngine(None, ModelInfo("ViT-B-16", "openai"), unavailable="weights missing; use --checkpoint FILE")
+    for call in (lambda: engine.segment(str(images / "photo.png"), "a;b", "rfclip", Settings()),
+                 lambda: engine.compare(str(images / "photo.png"), "a;b", "clip", "rfclip", Settings()),
+                 lambda: engine.look_inside(str(images / "photo.png"), None, "rfclip", "all", Settings())):
+        with pytest.raises(RfclipError, match="use --checkpoint FILE"):
+            call()
+
+
+def test_vocabularies_and_method_lists():
+    for label, name in VOCABULARIES.items():
+        text = vocabulary_text(label)
+        from rfclip.data import DATASETS
+
+        assert len(parse_classes(text)) == DATASETS[name].num_classes, label
+    assert vocabulary_text("Cityscapes (19)").startswith("road; sidewalk; building")
+    choices = method_choices()
+    assert {"rfclip", "naclip", "clip", "rfclip+fsa", "naclip+fsa"} <= set(choices)
+
+
+# ---------------------------------------------------------------------------------------------- page and command
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_page_builds_with_every_view(engine):
+    gr = pytest.importorskip("gradio")
+    from rfclip.demo.app import build_app, fraction_bars
+
+    app = build_app(engine, method="rfclip", settings=Settings(options=DIMS))
+    ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
+    assert {"image-file", "classes", "vocabulary", "segment-run", "segment-overlay", "segment-fractions",
+            "segment-files", "compare-run", "compare-disagreement", "inside-image", "inside-attention",
+            "inside-tokens", "inside-phi"} <= ids
+    assert isinstance(app, gr.Blocks)
+    bars = fraction_bars(["road", "sky", "car"], [0.75, 0.25, 0.0], np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]]))
+    assert bars.index("road") < bars.index("sky") and "75.0%" in bars and "Not found: car" in bars
+
+
+def _demo_args(monkeypatch):
+    """Run `rfclip demo` until the page is served, then stop it as Ctrl+C would; returns what was served."""
+    from rfclip.demo import app as demo_app
+
+    served = {}
+
+    def fake_serve(app, host, port, allowed_paths=None):
+        served.update(app=app, host=host, port=port)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_app, "serve", fake_serve)
+    return served
+
+
+def test_demo_offline_without_weights_serves_a_page_that_says_how_to_start(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("gradio")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    served = _demo_args(monkeypatch)
+    code = main(["demo", "--device", "cpu", "--port", str(_free_port())])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "no model loaded" in err and "--checkpoint" in err
+    banner = [b for b in served["app"].blocks.values() if getattr(b, "elem_id", None) is None
+              and "No model is loaded" in str(getattr(b, "value", ""))]
+    assert banner and "rfclip demo --checkpoint" in banner[0].value and "not in the local cache" in banner[0].value
+
+
+def test_demo_command_errors_before_loading(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("gradio")
+    _demo_args(monkeypatch)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["demo", "--checkpoint", str(tmp_path / "missing.pt"), "--port", str(port)])
+        assert code == 2 and "checkpoint not found" in capsys.readouterr().err
+        (tmp_path / "w.pt").write_bytes(b"x")
+        code = main(["demo", "--checkpoint", str(tmp_path / "w.pt"), "--port", str(port)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and f"cannot serve on 127.0.0.1:{port}" in err
+    for argv, expected in ((["--method", "nope"], "unknown method 'nope'"),
+                           (["--option", "alpah=1"], "unknown option(s) alpah"),
+                           (["--port", "70000"], "expected a port number")):
+        code = main(["demo", *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and err.count("\n") == 1, err
+
+
+def test_demo_without_gradio_says_how_to_install(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gradio(name, *args, **kwargs):
+        if name == "gradio" or name.startswith("gradio."):
+            raise ImportError("No module named 'gradio'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    monkeypatch.delitem(__import__("sys").modules, "rfclip.demo.app", raising=False)
+    code = main(["demo"])
+    err = capsys.readouterr().err
+    assert code == 2 and 'pip install "rfclip[demo]"' in err and err.count("\n") == 1
+
+
+def test_cli_args_namespace_for_the_json():
+    info = ModelInfo("ViT-B-16", None, "/w/ViT-B-16.pt", "cpu")
+    assert info.args() == argparse.Namespace(model="ViT-B-16", pretrained=None, checkpoint="/w/ViT-B-16.pt")
+    assert info.label() == "ViT-B-16 (checkpoint ViT-B-16.pt)"
