@@ -526,3 +526,26 @@ def test_cli_segment_method(voc, tmp_path, capsys, monkeypatch):
     record = json.loads((tmp_path / f"{image.stem}.json").read_text())
     assert record["method"] == "rfclip_release" and record["method_options"]["cls_source"] == "crop"
     assert record["precision"] == {"asked": "auto", "used": "float32"}
+
+
+def test_eval_all_table_paper_row_beside_the_release():
+    """ViT-B/16 with the rfclip_release preset: the paper's RF-CLIP row beside ours, the per-dataset options listed."""
+    from rfclip.constants import PAPER_COLUMNS, PAPER_RFCLIP_MIOU
+    from rfclip.data.settings import get_settings
+    from rfclip.evaluate import summary_markdown
+    from test_evaluate import _fake_result
+
+    results = {}
+    for i, name in enumerate(PAPER_COLUMNS):
+        r = _fake_result(name, 30.0 + i, "ViT-B-16", False)
+        r.update(method="rfclip_release", preset="rfclip_release",
+                 method_options={"tau_mult": 5.0, **get_settings(name, "rfclip_release").method_options})
+        results[name] = r
+    md = summary_markdown(results)
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| ours (rfclip_release, rfclip_release preset) |")
+    paper = [c.strip() for c in rows[2].strip("|").split("|")]
+    assert paper[0] == "paper (RF-CLIP)" and paper[1:9] == [f"{v:.1f}" for v in PAPER_RFCLIP_MIOU[("ViT-B-16", False)]]
+    assert "- method: rfclip_release (tau_mult=5.0); per dataset: cls_source, global_semantics_weight, " \
+           "h_threshold, mean_vector_weight" in md
+    assert "| Cityscapes | val |" in md and "cls_source crop" in md
