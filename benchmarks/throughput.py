@@ -283,6 +283,9 @@ def reference_segment(seg: Segmenter, image: np.ndarray, text: TextQueries) -> n
     w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
     preds = img.new_zeros((batch_size, num_queries, h_img, w_img))
     count_mat = img.new_zeros((batch_size, 1, h_img, w_img))
+    image_cls = None  # rfclip_release: a second pass over the whole image for its [CLS] (once per crop there)
+    if h_crop > 0 and getattr(seg.method, "needs_image_cls", False):
+        image_cls = seg.encoder(img, seg.method, cls_only=True).cls
     for h_idx in range(h_grids):
         for w_idx in range(w_grids):
             y1 = h_idx * h_stride
@@ -293,8 +296,9 @@ def reference_segment(seg: Segmenter, image: np.ndarray, text: TextQueries) -> n
             x1 = max(x2 - w_crop, 0)
             crop_img = img[:, :, y1:y2, x1:x2]
             # forward_feature: image features -> cosine logits -> (1, Q, h, w) -> bilinear to the crop size
-            features, (gh, gw) = seg.encoder(crop_img, seg.method, text_features=query_features if needs_text else None)
-            logits = features @ query_features.T
+            features, (gh, gw), cls = seg.encoder(crop_img, seg.method,
+                                                  text_features=query_features if needs_text else None)
+            logits = seg.method.logits(features, cls if image_cls is None else image_cls, query_features)
             logits = logits.permute(0, 2, 1).reshape(-1, num_queries, gh, gw)
             crop_seg_logit = F.interpolate(logits, size=crop_img.shape[-2:], mode="bilinear")
             preds += F.pad(crop_seg_logit, (int(x1), int(preds.shape[3] - x2), int(y1), int(preds.shape[2] - y2)))

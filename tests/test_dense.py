@@ -72,7 +72,7 @@ def expected(method, visual, images):
 def test_last_layer_matches_formula(tiny_clip, method):
     visual = tiny_clip.model.visual
     images = torch.randn(2, 3, 224, 224)
-    got, grid = DenseCLIP(visual)(images, build_method(method))
+    got, grid, _ = DenseCLIP(visual)(images, build_method(method))
     want = expected(method, visual, images)
     assert grid == (14, 14)
     assert got.shape == want.shape == (2, 196, tiny_clip.model.visual.output_dim)
@@ -93,14 +93,14 @@ def test_layer_averaged_kk_matches_formula(tiny_clip):
         if i < len(blocks) - 1:
             x = block(x)
     want = features(visual, attend(blocks[-1], torch.stack(maps).mean(0), v))
-    got, _ = DenseCLIP(visual)(images, build_method("kk", layer_average=True))
+    got, _, _ = DenseCLIP(visual)(images, build_method("kk", layer_average=True))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 def test_non_native_grid_interpolates_positions(tiny_clip):
     """Any input size works: the grid follows the input and the native grid reuses the stored embedding."""
     dense = DenseCLIP(tiny_clip.model.visual)
-    feats, grid = dense(torch.randn(1, 3, 160, 240), build_method("naclip"))
+    feats, grid, _ = dense(torch.randn(1, 3, 160, 240), build_method("naclip"))
     assert grid == (10, 15) and feats.shape == (1, 150, 32)
     assert torch.isfinite(feats).all()
     native = dense.positional_embedding((14, 14), torch.device("cpu"))

@@ -50,7 +50,7 @@ def region_text(seg: Segmenter, image: np.ndarray, label: np.ndarray, seed: int 
     """Class embeddings: region prototypes (fp32 features of this method) mixed with random directions."""
     x = preprocess(image, None, seg.device)
     with torch.inference_mode():
-        features, (gh, gw) = seg.encoder(x[None], seg.method)
+        features, (gh, gw), _ = seg.encoder(x[None], seg.method)
     features = features[0].float()
     ph, pw = seg.encoder.patch_size
     centres = torch.from_numpy(label[ph // 2::ph, pw // 2::pw][:gh, :gw]).flatten()

@@ -88,7 +88,7 @@ def test_last_block_formula(tiny_clip):
     block = visual.transformer.resblocks[-1]
     vit = tiny_vit()
     images = torch.randn(2, 3, 224, 224)
-    got, grid = DenseCLIP(visual)(images, build_method("proxyclip", vfm=vit))
+    got, grid, _ = DenseCLIP(visual)(images, build_method("proxyclip", vfm=vit))
     assert grid == (28, 28)
     x = visual._embeds(images)
     for blk in visual.transformer.resblocks[:-1]:

@@ -268,7 +268,7 @@ def test_planted_distraction_detected_and_attention_share_drops(tiny_clip, image
     method = build_method("rfclip", distraction_dims=TINY_DIMS)
     rec: dict = {}
     with torch.no_grad():
-        feats, _ = enc(images, method, record=rec)
+        feats, _, _ = enc(images, method, record=rec)
     assert torch.isfinite(feats).all()
     dis = rec["rf.L0.dis"][0].bool()  # (B, N)
     expected = torch.zeros_like(dis)
@@ -287,10 +287,10 @@ def test_planted_distraction_detected_and_attention_share_drops(tiny_clip, image
 
 def test_rf_steps_off_equals_kk_layer_average(tiny_clip, images):
     enc = DenseCLIP(tiny_clip.model.visual)
-    want, _ = enc(images, build_method("kk", layer_average=True))
-    got, _ = enc(images, build_method("kk_proxy_baseline", proxy_include_cls=True))
+    want, _, _ = enc(images, build_method("kk", layer_average=True))
+    got, _, _ = enc(images, build_method("kk_proxy_baseline", proxy_include_cls=True))
     assert torch.equal(got, want)
-    got2, _ = enc(images, build_method("rfclip", distraction_dims=TINY_DIMS, embed_redistribution=False,
+    got2, _, _ = enc(images, build_method("rfclip", distraction_dims=TINY_DIMS, embed_redistribution=False,
                                        attn_redistribution=False, proxy_include_cls=True))
     assert torch.equal(got2, want)
 
@@ -298,9 +298,9 @@ def test_rf_steps_off_equals_kk_layer_average(tiny_clip, images):
 def test_no_distraction_tokens_changes_nothing(tiny_clip, images):
     """A random CLIP has no token above tau = 5/d: RF-CLIP equals its baseline and records no redistribution."""
     enc = DenseCLIP(tiny_clip.model.visual)
-    base, _ = enc(images, build_method("kk_proxy_baseline"))
+    base, _, _ = enc(images, build_method("kk_proxy_baseline"))
     rec: dict = {}
-    got, _ = enc(images, build_method("rfclip", distraction_dims=TINY_DIMS), record=rec)
+    got, _, _ = enc(images, build_method("rfclip", distraction_dims=TINY_DIMS), record=rec)
     assert torch.equal(got, base)
     assert not any(k.endswith("attn_after") for k in rec)
     assert all(not v[0].any() for k, v in rec.items() if k.endswith(".dis"))
@@ -314,11 +314,11 @@ def test_crops_in_a_batch_are_independent(tiny_clip, images):
     imgs[1] *= 0.05  # a nearly flat crop: different distraction sets per crop
     method = build_method("rfclip", distraction_dims=TINY_DIMS, tau_mult=3.0)
     rec: dict = {}
-    batch, _ = enc(imgs, method, record=rec)
+    batch, _, _ = enc(imgs, method, record=rec)
     counts = [int(v[0].sum()) for k, v in rec.items() if k.endswith(".dis")]
     assert sum(counts) > 0
     for i in range(imgs.shape[0]):
-        single, _ = enc(imgs[i:i + 1], method)
+        single, _, _ = enc(imgs[i:i + 1], method)
         torch.testing.assert_close(single[0], batch[i], atol=2e-5, rtol=1e-4)
 
 
@@ -346,15 +346,15 @@ def test_every_option_runs(tiny_clip):
     enc = DenseCLIP(tiny_clip.model.visual)
     x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
     rec: dict = {}
-    base, _ = enc(x, build_method("rfclip", distraction_dims=TINY_DIMS, tau_mult=1.5), record=rec)
+    base, _, _ = enc(x, build_method("rfclip", distraction_dims=TINY_DIMS, tau_mult=1.5), record=rec)
     assert sum(bool(v[0].any()) for k, v in rec.items() if k.endswith(".dis")) >= 2
     for opts in OPTION_SETS:
-        feats, grid = enc(x, build_method("rfclip", distraction_dims=TINY_DIMS, tau_mult=1.5, **opts))
+        feats, grid, _ = enc(x, build_method("rfclip", distraction_dims=TINY_DIMS, tau_mult=1.5, **opts))
         assert grid == (7, 7) and feats.shape == base.shape, opts
         assert torch.isfinite(feats).all(), opts
         torch.testing.assert_close(feats.norm(dim=-1), torch.ones(feats.shape[:2]), msg=str(opts))
     for name in ("rfclip_nodefocus", "rfclip_code_embed"):
-        feats, _ = enc(x, build_method(name, distraction_dims=TINY_DIMS, tau_mult=1.5))
+        feats, _, _ = enc(x, build_method(name, distraction_dims=TINY_DIMS, tau_mult=1.5))
         assert torch.isfinite(feats).all()
 
 

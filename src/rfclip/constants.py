@@ -62,6 +62,35 @@ PAPER_RFCLIP_MIOU = {
     ("ViT-L-14", True): (68.1, 38.1, 42.0, 89.1, 40.8, 27.8, 43.0, 23.4),
 }
 
+# --- RF-CLIP as released (github.com/liblacklucy/RF-CLIP at c2b333e; spec rf-clip-released-code.md) -------
+# Method `rfclip_release` and settings preset `rfclip_release`. Line numbers as in the spec (files of c2b333e).
+RELEASE_COMMIT = "c2b333e64b57ba17a62e1564759c62cc9fb70cec"
+RELEASE_TAU_MULT = 5.0  # clip/model.py feat_denoising(sigma=5.0): phi > sigma * (1/d) (L212-221)
+RELEASE_PHI_NORM = "minshift"  # feat_denoising: (f - min f) / clamp(sum(f - min f), 1e-8) (L215-216)
+RELEASE_EMBED_KERNEL = 3  # feat_denoising: depthwise Conv2d(C, C, 3, padding=1), weights 1/9: zero padding,
+RELEASE_EMBED_PADDING = "zero"  # centre included, always / 9, all channels (L222-232)
+RELEASE_EMBED_BLEND = 0.4  # feat_denoising(alpha=0.4): x[1:] <- 0.6 x[1:] + 0.4 (mean where detected) (L233-240)
+RELEASE_FIRST_FILTERED_LAYER = 1  # forward: the filter runs after every block, so layer 0's input (ln_pre) is
+#                                  # not filtered (L289-296)
+RELEASE_ENHANCE_THRESHOLD = 0.4  # feat_enhancing(beta=0.4): simi[simi < beta] = 0 (L242-267)
+RELEASE_TOPK_PATCHES = 2  # custom_segmentor.py _compute_topk_similarities(k=2) (L106-158)
+# Image normalisation: MMSEG_CLIP_MEAN / MMSEG_CLIP_STD above (custom_segmentor.py SegDataPreProcessor, L44).
+# configs/cfg_*.py: global_semantics_weight, mean_vector_weight, h_threshold, prob_thd, slide_crop (224 = the
+# segmentor default 224/112, custom_segmentor.py L37-38); Cityscapes (cfg_city_scapes.py) also resizes to 560 and
+# takes each crop's own [CLS] (forward_slide's dataset check).
+RELEASE_DATASET_EXTRAS = {
+    "voc21": (0.1, 0.03, 0.10, 0.1, 0),
+    "voc20": (0.4, 0.02, 0.10, 0.0, 224),
+    "context60": (0.25, 0.04, 0.09, 0.1, 224),
+    "context59": (0.25, 0.04, 0.09, 0.0, 224),
+    "coco_object": (0.25, 0.01, 0.10, 0.1, 224),
+    "coco_stuff": (0.2, 0.02, 0.02, 0.0, 0),
+    "ade20k": (0.3, 0.05, 0.06, 0.0, 224),
+    "cityscapes": (0.1, 0.03, 0.14, 0.0, 224),
+}
+# Method defaults: the released VOC21 values (cfg_voc21.py).
+RELEASE_GSW, RELEASE_MVW, RELEASE_H_THRESHOLD = RELEASE_DATASET_EXTRAS["voc21"][:3]
+
 # --- FSA (ICCV 2025; official code FSA_Proxy_segmentor.py / open_clip/transformer.py) -------------
 FSA_PATCH_LOGIT_SCALE = 20.0  # compute_logits(..., logits_scale=20) for the first pass
 FSA_UNIFORM_LOGIT_SCALE = 35.0  # scale of the uniform-attention baseline logits

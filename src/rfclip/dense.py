@@ -12,16 +12,18 @@ Per residual layer ``l`` (0-based) the forward does::
     x = x + ls_1(out_proj(A @ v))              # standard pre-LN block
     x = x + ls_2(mlp(ln_2(x)))
 
-and in the last layer ``hooks.final_attention`` decides the attention, the values (possibly on another token
-grid, as ProxyCLIP does) and whether the residual and FFN are kept. When a hook returns ``None`` the forward
-uses ``scaled_dot_product_attention`` so that methods that do not need the attention matrix get flash/SDPA
-kernels on GPU.
+In the last layer a method either returns the final tokens itself (``hooks.final_tokens``: patch tokens in the
+residual width and the [CLS] token, for last layers that are not one attention, such as the released RF-CLIP
+code's two decodings) or, by default, ``hooks.final_attention`` decides the attention, the values (possibly on
+another token grid, as ProxyCLIP does) and whether the residual and FFN are kept. The final tokens then go through
+``ln_post`` and ``proj``. When an attention hook returns ``None`` the forward uses ``scaled_dot_product_attention``
+so that methods that do not need the attention matrix get flash/SDPA kernels on GPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,22 @@ class FinalAttention:
     has_cls: bool = True  # whether token 0 of the output is the CLS token
 
 
+class FinalTokens(NamedTuple):
+    """The last layer's output tokens in the residual width, before ``ln_post`` and ``proj``."""
+
+    patches: Tensor | None  # (B, N', C) patch tokens in raster order over ``grid``; None: [CLS] only (ctx.cls_only)
+    cls: Tensor | None = None  # (B, C) the [CLS] token, None when the output grid has none
+    grid: tuple[int, int] | None = None  # patch grid of ``patches`` when it differs from the CLIP grid
+
+
+class DenseOutput(NamedTuple):
+    """What :meth:`DenseCLIP.forward` returns."""
+
+    features: Tensor | None  # (B, h*w, D) L2-normalised patch embeddings in the text space, fp32; None with cls_only
+    grid: tuple[int, int]  # (h, w) grid of ``features`` (the CLIP grid, or the method's own, e.g. ProxyCLIP's)
+    cls: Tensor | None  # (B, D) L2-normalised [CLS] embedding of the final tokens, fp32; None without a [CLS] token
+
+
 @dataclass
 class ForwardContext:
     """Per-forward state shared between the dense forward and a method's hooks."""
@@ -56,6 +74,7 @@ class ForwardContext:
     text_features: Tensor | None = None  # (Q, D) L2-normalised query embeddings (FSA needs them inside the forward)
     store: dict[str, Any] = field(default_factory=dict)  # scratch space for the method (e.g. key-key maps)
     record: dict[str, Any] | None = None  # diagnostics requested by `rfclip explain`; None = record nothing
+    cls_only: bool = False  # only the [CLS] output is needed: a method may skip work done for the patch features
 
     @property
     def num_layers(self) -> int:
@@ -77,6 +96,29 @@ class ForwardContext:
     def attention_output(self, weights: Tensor, values: Tensor) -> Tensor:
         """``out_proj(concat_h(A_h V_h))`` of the last block, bias included. Returns (B, T', C)."""
         return self.encoder.attention_output(self.encoder.blocks[-1], weights, values)
+
+    def residual_block(self, block: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                       weights: Tensor | None = None) -> Tensor:
+        """The standard pre-LN block on x (B, T, C) given its q, k, v: ``x + ls_1(attn)``, then ``+ ls_2(FFN)``.
+        ``weights=None``: CLIP's own softmax attention (SDPA)."""
+        x = x + block.ls_1(self.attention_output(block, weights, v, q, k))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def final_block(self, block: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, final: FinalAttention,
+                    grid: tuple[int, int]) -> FinalTokens:
+        """The last block as :class:`FinalAttention` describes it: its attention (and values), then the residual
+        and FFN or not. Returns the tokens split into patches and [CLS]."""
+        values = v if final.values is None else final.values
+        if final.keep_residual:
+            if final.values is not None and final.values.shape[2] != x.shape[1]:
+                raise ValueError("the residual can only be kept on the CLIP token grid")
+            y = self.residual_block(block, x, q, k, values, final.weights)
+        else:
+            y = block.ls_1(self.attention_output(block, final.weights, values, q, k))
+        grid = final.grid if final.grid is not None else grid
+        if final.has_cls:
+            return FinalTokens(patches=y[:, 1:], cls=y[:, 0], grid=grid)
+        return FinalTokens(patches=y, cls=None, grid=grid)
 
     def to_text_space(self, y: Tensor) -> Tensor:
         """``normalize(ln_post(y) @ proj)`` for tokens ``y`` (…, C) -> (…, D)."""
@@ -106,6 +148,11 @@ class Hooks:
 
     def attention(self, ctx: "ForwardContext", layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         """Attention weights (B, H, T, T) of ``layer``, or None for CLIP's own softmax(q k^T / sqrt(dh))."""
+        return None
+
+    def final_tokens(self, ctx: "ForwardContext", x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> FinalTokens | None:
+        """The last layer's output computed by the method itself, from its input x (B, 1+N, C) and the last block's
+        q, k, v of x; or None (default) for the last block with :meth:`final_attention`."""
         return None
 
     def final_attention(self, ctx: "ForwardContext", q: Tensor, k: Tensor, v: Tensor) -> FinalAttention:
@@ -259,6 +306,29 @@ class DenseCLIP(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, H * dh)
         return block.attn.out_proj(out)
 
+    def residual_block(self, block: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                       weights: Tensor | None = None) -> Tensor:
+        """The standard pre-LN block on x (B, T, C) given its q, k, v: ``x + ls_1(attn)``, then ``+ ls_2(FFN)``.
+        ``weights=None``: CLIP's own softmax attention (SDPA)."""
+        x = x + block.ls_1(self.attention_output(block, weights, v, q, k))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def final_block(self, block: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, final: FinalAttention,
+                    grid: tuple[int, int]) -> FinalTokens:
+        """The last block as :class:`FinalAttention` describes it: its attention (and values), then the residual
+        and FFN or not. Returns the tokens split into patches and [CLS]."""
+        values = v if final.values is None else final.values
+        if final.keep_residual:
+            if final.values is not None and final.values.shape[2] != x.shape[1]:
+                raise ValueError("the residual can only be kept on the CLIP token grid")
+            y = self.residual_block(block, x, q, k, values, final.weights)
+        else:
+            y = block.ls_1(self.attention_output(block, final.weights, values, q, k))
+        grid = final.grid if final.grid is not None else grid
+        if final.has_cls:
+            return FinalTokens(patches=y[:, 1:], cls=y[:, 0], grid=grid)
+        return FinalTokens(patches=y, cls=None, grid=grid)
+
     def to_text_space(self, y: Tensor) -> Tensor:
         """``ln_post(y) @ proj`` (not normalised): tokens (…, C) -> (…, D)."""
         y = self.visual.ln_post(y)
@@ -267,36 +337,30 @@ class DenseCLIP(nn.Module):
 
     # ------------------------------------------------------------------ the forward
     def forward(self, images: Tensor, method: Hooks, text_features: Tensor | None = None,
-                record: dict[str, Any] | None = None) -> tuple[Tensor, tuple[int, int]]:
+                record: dict[str, Any] | None = None, cls_only: bool = False) -> DenseOutput:
         """Dense features of crops ``images`` (B, 3, H, W).
 
-        Returns ``(features, grid)``: features (B, h*w, D) L2-normalised patch embeddings in the text space, in
-        raster order over ``grid`` = (h, w) (the CLIP grid, or the method's own grid, e.g. ProxyCLIP's VFM grid).
+        Returns :class:`DenseOutput` ``(features, grid, cls)``: features (B, h*w, D) L2-normalised patch embeddings
+        in the text space, in raster order over ``grid`` = (h, w) (the CLIP grid, or the method's own grid, e.g.
+        ProxyCLIP's VFM grid), and the final [CLS] token in the text space (B, D) (None when the method's output
+        has none). ``cls_only=True`` tells the method that only the [CLS] is needed (``features`` may be None).
         """
         x, grid = self.embed(images)
-        ctx = ForwardContext(encoder=self, images=images, grid=grid, text_features=text_features, record=record)
+        ctx = ForwardContext(encoder=self, images=images, grid=grid, text_features=text_features, record=record,
+                             cls_only=cls_only)
         method.begin(ctx)
         last = self.num_layers - 1
         for layer, block in enumerate(self.blocks):
             x = method.layer_input(ctx, layer, x)
             q, k, v = self.qkv(block, x)
             if layer < last:
-                weights = method.attention(ctx, layer, q, k, v)
-                x = x + block.ls_1(self.attention_output(block, weights, v, q, k))
-                x = x + block.ls_2(block.mlp(block.ln_2(x)))
-                continue
-            final = method.final_attention(ctx, q, k, v)
-            values = v if final.values is None else final.values
-            y = block.ls_1(self.attention_output(block, final.weights, values, q, k))
-            if final.keep_residual:
-                if final.values is not None and final.values.shape[2] != x.shape[1]:
-                    raise ValueError("the residual can only be kept on the CLIP token grid")
-                y = x + y
-                y = y + block.ls_2(block.mlp(block.ln_2(y)))
-            x = y
-            if final.grid is not None:
-                grid = final.grid
-            if final.has_cls:
-                x = x[:, 1:]
-        features = F.normalize(self.to_text_space(x).float(), dim=-1)  # (B, N, D)
-        return features, grid
+                x = self.residual_block(block, x, q, k, v, method.attention(ctx, layer, q, k, v))
+        final = method.final_tokens(ctx, x, q, k, v)
+        if final is None:
+            final = self.final_block(self.blocks[-1], x, q, k, v, method.final_attention(ctx, q, k, v), grid)
+        features = cls = None
+        if final.patches is not None:
+            features = F.normalize(self.to_text_space(final.patches).float(), dim=-1)  # (B, N, D)
+        if final.cls is not None:
+            cls = F.normalize(self.to_text_space(final.cls).float(), dim=-1)  # (B, D)
+        return DenseOutput(features, final.grid if final.grid is not None else grid, cls)

@@ -156,8 +156,21 @@ def dataset_config_changes(dataset) -> dict[str, Any]:
     }
 
 
+def preset_method_options(segmenter, dataset) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dataset's preset method options split into ``(applied, not applied)``: applied are those the segmenter's
+    method takes and its user did not set."""
+    from .methods import method_option_names
+
+    options = dict(getattr(dataset.settings, "method_options", {}) or {})
+    taken = method_option_names(segmenter.method_name)
+    given = getattr(segmenter, "method_options", {})
+    applied = {k: v for k, v in options.items() if k in taken and k not in given}
+    return applied, {k: v for k, v in options.items() if k not in applied}
+
+
 def configure(segmenter, dataset, overrides: Mapping[str, Any] | None = None):
-    """A copy of ``segmenter`` with the dataset's settings, then ``overrides`` (InferenceConfig fields) applied."""
+    """A copy of ``segmenter`` with the dataset's settings (its inference settings, and the preset's per-dataset
+    method options the method takes and the user did not set), then ``overrides`` (InferenceConfig fields)."""
     from .inference import InferenceConfig
 
     overrides = dict(overrides or {})
@@ -167,6 +180,9 @@ def configure(segmenter, dataset, overrides: Mapping[str, Any] | None = None):
                           f"choose from: {', '.join(sorted(InferenceConfig.field_names()))}")
     changes = dataset_config_changes(dataset)
     changes.update(overrides)
+    applied, _ = preset_method_options(segmenter, dataset)
+    if applied:
+        segmenter = segmenter.with_method_defaults(**applied)
     return segmenter.with_config(**changes)
 
 
@@ -267,6 +283,7 @@ def evaluate(segmenter, dataset, limit: int | None = None, num_workers: int = 4,
         "settings": dataclasses.asdict(seg.config),
         "method": seg.method_name,
         "method_options": seg.method.options(),
+        "preset_method_options": preset_method_options(segmenter, dataset)[0],
         "model": seg.clip.describe(),
         "device": str(seg.device),
         "precision": str(seg.amp_dtype).replace("torch.", "") if seg.amp_dtype is not None else "float32",
@@ -377,7 +394,11 @@ def summary_markdown(results: Mapping[str, dict], missing: Mapping[str, str] | N
     source = model.get("source") or ""
     lines.append(f"- model: {model.get('name')} ({model.get('pretrained') or source})")
     options = first["method_options"]
-    lines.append(f"- method: {method}" + (f" ({_options_text(options)})" if options else ""))
+    varying = sorted({k for r in results.values() for k in r["method_options"]
+                      if any(o["method_options"].get(k) != options.get(k) for o in results.values())})
+    shared = {k: v for k, v in options.items() if k not in varying}
+    lines.append(f"- method: {method}" + (f" ({_options_text(shared)})" if shared else "")
+                 + (f"; per dataset: {', '.join(varying)} (see below)" if varying else ""))
     lines.append(f"- settings: preset '{preset}' per dataset (see below); PAMR {'on' if pamr else 'off'}; "
                  f"precision {first['precision']} on {first['device']}; {first['world_size']} process(es)")
     if first.get("overrides"):
@@ -402,7 +423,8 @@ def summary_markdown(results: Mapping[str, dict], missing: Mapping[str, str] | N
         r = results[n]
         lines.append(f"| {DATASETS[n].title if n in DATASETS else n} | {r['split']} | {r['num_images']} | "
                      f"{r['miou']:.2f} | {r['aacc']:.2f} | {r['images_per_s']:.2f} | "
-                     f"{describe_settings(r['settings'])} |")
+                     f"{describe_settings(r['settings'])}"
+                     + "".join(f", {k} {r['method_options'].get(k)}" for k in varying) + " |")
     if missing:
         lines.extend(["", "## Not evaluated", ""])
         lines.extend(f"- {DATASETS[n].title if n in DATASETS else n}: {reason}" for n, reason in missing.items())

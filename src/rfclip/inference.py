@@ -391,26 +391,67 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
+def _amp(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+
+
+def image_cls_tokens(encoder, method, images: Sequence[Tensor], batch_size: int = 64,
+                     amp_dtype: torch.dtype | None = None) -> list[Tensor]:
+    """The [CLS] embedding (D,) fp32 of each whole image, from ``cls_only`` forwards batched by image shape
+    (for methods whose logits use the whole image's [CLS] with a sliding window, e.g. ``rfclip_release``)."""
+    out: list[Tensor | None] = [None] * len(images)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for idx, img in enumerate(images):
+        by_shape.setdefault(tuple(img.shape[-2:]), []).append(idx)
+    for indices in by_shape.values():
+        for chunk in _chunks(indices, batch_size):
+            with _amp(images[chunk[0]].device, amp_dtype):
+                cls = encoder(torch.stack([images[i] for i in chunk]), method, cls_only=True).cls  # (B, D)
+            if cls is None:
+                raise ValueError(f"method {getattr(method, 'name', method)!r} asks for the image [CLS] but its "
+                                 "forward returns none")
+            for i, c in zip(chunk, cls.float()):
+                out[i] = c
+    return out
+
+
 def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, crop: int, stride: int,
                  batch_size: int = 64, amp_dtype: torch.dtype | None = None, pad_to: int = 0) -> list[Tensor]:
     """Cosine logits per query for preprocessed images, averaged over sliding-window crops.
 
     ``images``: list of (3, H_i, W_i) normalised tensors. Crops of all images are grouped by shape and run
-    ``batch_size`` at a time; ``pad_to`` > 0 zero-pads each crop to multiples of it (:func:`crop_padding`) and
-    cuts the padding off the upsampled logits. Returns a list of (Q, H_i, W_i) fp32 tensors (before softmax).
+            if padded != shape:
+                batch = F.pad(batch, (left, right, top, bottom))
+            with _amp(device, amp_dtype):
+                features, grid, cls = encoder(batch, method, text_features=text_features if needs_text else None)
+            if image_cls:
+                cls = torch.stack([image_cls[i] if i in image_cls else c for (i, _), c in zip(chunk, cls.float())])
+            if logits_hook is None:
+                logits = features.float() @ text_features.T  # (B, N, Q)
+            else:
+                logits = logits_hook(features.float(), cls, text_features)  # (B, N, Q)
     """
     device = images[0].device
     text_features = text.features.to(device=device, dtype=torch.float32)  # (Q, D)
     canvases = [torch.zeros(text_features.shape[0], *img.shape[-2:], device=device) for img in images]
     counts = []  # how many windows cover each pixel: built on the host once per image, not per crop on the device
     by_shape: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int]]]] = {}
+    windowed = []  # images cut into more than one window
     for idx, img in enumerate(images):
         count = np.zeros((1, *img.shape[-2:]), dtype=np.float32)
-        for win in sliding_windows(img.shape[-2], img.shape[-1], crop, stride):
+        windows = sliding_windows(img.shape[-2], img.shape[-1], crop, stride)
+        for win in windows:
             by_shape.setdefault((win[1] - win[0], win[3] - win[2]), []).append((idx, win))
             count[:, win[0]:win[1], win[2]:win[3]] += 1
         counts.append(torch.from_numpy(count).to(device))
+        if len(windows) > 1:
+            windowed.append(idx)
     needs_text = getattr(method, "needs_text_in_forward", False)
+    logits_hook = getattr(method, "logits", None)
+    image_cls: dict[int, Tensor] = {}
+    if windowed and getattr(method, "needs_image_cls", False):  # a single window is the whole image: its own [CLS]
+        image_cls = dict(zip(windowed, image_cls_tokens(encoder, method, [images[i] for i in windowed], batch_size,
+                                                        amp_dtype)))
     for shape, crops in by_shape.items():
         left, right, top, bottom = crop_padding(*shape, pad_to)
         padded = (shape[0] + top + bottom, shape[1] + left + right)
@@ -418,9 +459,14 @@ def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, c
             batch = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])  # (B, 3, h, w)
             if padded != shape:
                 batch = F.pad(batch, (left, right, top, bottom))
-            with (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()):
-                features, grid = encoder(batch, method, text_features=text_features if needs_text else None)
-            logits = features.float() @ text_features.T  # (B, N, Q)
+            with _amp(device, amp_dtype):
+                features, grid, cls = encoder(batch, method, text_features=text_features if needs_text else None)
+            if image_cls:
+                cls = torch.stack([image_cls[i] if i in image_cls else c for (i, _), c in zip(chunk, cls.float())])
+            if logits_hook is None:
+                logits = features.float() @ text_features.T  # (B, N, Q)
+            else:
+                logits = logits_hook(features.float(), cls, text_features)  # (B, N, Q)
             logits = logits.transpose(1, 2).reshape(len(chunk), -1, *grid)  # (B, Q, h_p, w_p)
             # Upsample a few crops at a time: B x Q x crop x crop at once can take GBs (171 classes, 64 crops).
             per_step = max(1, _UPSAMPLE_BUDGET // (logits.shape[1] * padded[0] * padded[1]))

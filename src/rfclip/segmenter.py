@@ -20,6 +20,12 @@ from .text import ClassSpec, TextClassifier, TextQueries
 DEFAULT_METHOD = "rfclip"
 
 
+def method_precision(precision: str, method) -> str:
+    """``precision="auto"`` means the method's own default where it has one (``rfclip_release``: fp32)."""
+    default = getattr(method, "default_precision", None)
+    return default if default and str(precision).lower() == "auto" else precision
+
+
 @dataclass
 class Segmentation:
     """The result for one image, at its original resolution."""
@@ -79,8 +85,10 @@ class Segmenter:
         self.device = resolve_device(device)
         method_options, config_options = _split_options(method, plugins, options)
         self.config = _checked(InferenceConfig(**config_options))
-        self.amp_dtype = autocast_dtype(self.device, self.config.precision)
+        self.method_options = method_options  # as given (not the defaults): preset method options never override them
+        self._method_spec = (method, tuple(plugins))
         self.method = build_method(method, plugins, **method_options)
+        self.amp_dtype = autocast_dtype(self.device, method_precision(self.config.precision, self.method))
         self.method_name = method if not plugins else "+".join([method, *plugins])
 
         if isinstance(model, (str, os.PathLike)):
@@ -107,7 +115,22 @@ class Segmenter:
         clone.__dict__.update(self.__dict__)
         clone.config = _checked(replace(self.config, **changes))
         self._check_config(clone.config)
-        clone.amp_dtype = autocast_dtype(self.device, clone.config.precision)
+        clone.amp_dtype = autocast_dtype(self.device, method_precision(clone.config.precision, clone.method))
+        return clone
+
+    def with_method_defaults(self, **options) -> "Segmenter":
+        """A shallow copy whose method is rebuilt with ``options`` under the options given at construction (which
+        win), e.g. a settings preset's per-dataset method options. Options the method does not take are an error."""
+        method, plugins = self._method_spec
+        unknown = sorted(set(options) - method_option_names(method, plugins))
+        if unknown:
+            raise RfclipError(f"method '{self.method_name}' does not take option(s) {', '.join(unknown)}")
+        merged = {**options, **self.method_options}
+        clone = object.__new__(Segmenter)
+        clone.__dict__.update(self.__dict__)
+        clone.method = build_method(method, plugins, **merged)
+        clone.method.prepare(self.clip)
+        clone.amp_dtype = autocast_dtype(self.device, method_precision(clone.config.precision, clone.method))
         return clone
 
     def with_method(self, method: str, plugins: Sequence[str] = (), **options) -> "Segmenter":
@@ -122,6 +145,9 @@ class Segmenter:
         clone = self.with_config(**config_options)
         clone.method = built
         clone.method_name = method if not plugins else "+".join([method, *plugins])
+        clone.method_options = method_options
+        clone._method_spec = (method, tuple(plugins))
+        clone.amp_dtype = autocast_dtype(self.device, method_precision(clone.config.precision, built))
         return clone
 
     def _check_config(self, cfg: InferenceConfig) -> None:

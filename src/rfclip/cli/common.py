@@ -103,14 +103,18 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
 
 
-def add_method_options(parser: argparse.ArgumentParser, default_method: str | None = None) -> None:
+def add_method_options(parser: argparse.ArgumentParser, default_method: str | None = None,
+                       from_preset: bool = False) -> None:
+    """``from_preset``: ``--method`` defaults to None, to be resolved from ``--preset`` (:func:`resolve_method`)."""
     if default_method is None:
         from ..segmenter import DEFAULT_METHOD
 
         default_method = DEFAULT_METHOD
     group = parser.add_argument_group("method")
-    group.add_argument("--method", default=default_method, metavar="NAME",
-                       help=f"segmentation method (default: {default_method}); one of {method_list()}; "
+    default_text = (f"the preset's method (rfclip_release for --preset rfclip_release), else {default_method}"
+                    if from_preset else default_method)
+    group.add_argument("--method", default=None if from_preset else default_method, metavar="NAME",
+                       help=f"segmentation method (default: {default_text}); one of {method_list()}; "
                             "add a plugin with '+', e.g. naclip+fsa")
     group.add_argument("--plugin", action="append", default=[], metavar="NAME",
                        help="add a plugin to the method (repeatable), e.g. --plugin fsa")
@@ -122,6 +126,16 @@ def add_method_options(parser: argparse.ArgumentParser, default_method: str | No
                        "dino_b16, dinov2, dinov2_noreg, mae, sam, sam_l, sam_h; default: DINO ViT-B/8)")
     group.add_argument("--vfm-checkpoint", metavar="FILE", help="local weights for --vfm (safetensors or PyTorch file, "
                        "also the original DINO / DINOv2 / MAE / SAM releases, e.g. sam_vit_b_01ec64.pth)")
+
+
+def resolve_method(args: argparse.Namespace) -> str:
+    """``--method``, else the method of ``--preset`` (``rfclip_release``), else the default method."""
+    if getattr(args, "method", None):
+        return args.method
+    from ..data.settings import preset_method
+    from ..segmenter import DEFAULT_METHOD
+
+    return preset_method(args.preset) or DEFAULT_METHOD
 
 
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +157,8 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=_positive_int, metavar="N",
                        help="crops per forward pass; lower it if memory runs out (default: 64)")
     group.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="compute precision (default: auto = bf16/fp16 on CUDA, fp32 on CPU)")
+                       help="compute precision (default: auto = bf16/fp16 on CUDA, fp32 on CPU; fp32 for "
+                            "rfclip_release)")
     group.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the image encoder (pays off on a GPU over many images; the first "
                             "batches are slow while it compiles)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ examples:
   rfclip eval --dataset voc21 --root data/VOCdevkit/VOC2012 --method rfclip
   rfclip eval --dataset ade20k --root data/ADEChallengeData2016 --method naclip --pamr --out results/ade.json
   rfclip eval --dataset voc21 --root data/VOCdevkit/VOC2012 --method naclip+fsa --preset fsa --limit 100
+  rfclip eval --dataset voc21 --root data/VOCdevkit/VOC2012 --preset rfclip_release   (the released RF-CLIP code)
   torchrun --nproc_per_node 4 -m rfclip eval --dataset coco_stuff --root data/coco_stuff164k --method rfclip
 
 --root is the dataset's mmsegmentation data_root:
@@ -39,6 +41,7 @@ EVAL_ALL_EXAMPLES = """\
 examples:
   rfclip eval-all --root-dir data --method rfclip --out-dir results/rfclip
   rfclip eval-all --root-dir data --method naclip --pamr --datasets voc21 context60 --out-dir results/naclip
+  rfclip eval-all --root-dir data --preset rfclip_release --out-dir results/rfclip_release
   torchrun --nproc_per_node 8 -m rfclip eval-all --root-dir data --method rfclip --out-dir results/rfclip
 """
 
@@ -122,7 +125,7 @@ def _add_eval_options(p: argparse.ArgumentParser, presets) -> None:
     common.add_images_per_batch_option(g)
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no table; print only the summary")
     common.add_model_options(p)
-    common.add_method_options(p)
+    common.add_method_options(p, from_preset=True)
     common.add_inference_options(p)
 
 
@@ -190,6 +193,19 @@ def _header(result: dict, title: str) -> str:
             f"{describe_settings(result['settings'])}")
 
 
+def _check_preset_method(args, datasets) -> None:
+    """Resolve ``args.method`` from the preset; say once when the preset's method options do not apply to it."""
+    from ..methods import method_option_names
+
+    args.method = common.resolve_method(args)
+    taken = method_option_names(args.method, args.plugin or ())  # an unknown method fails here, before loading
+    options = sorted({k for d in datasets for k in d.settings.method_options})
+    left = [k for k in options if k not in taken]
+    if left and not args.quiet and os.environ.get("RANK", "0") == "0":  # rank 0 only under torchrun
+        print(f"rfclip: note: preset {args.preset} sets {', '.join(left)} for its own method; method {args.method} "
+              "does not take them (the preset's inference settings still apply)", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------- eval
 def run_eval(args) -> int:
     from ..data import build_dataset, canonical_dataset_name, format_table
@@ -198,6 +214,7 @@ def run_eval(args) -> int:
     # Everything the user typed is checked before the model loads.
     name = canonical_dataset_name(args.dataset)
     dataset = build_dataset(name, args.root, preset=args.preset, split=args.split)
+    _check_preset_method(args, [dataset])
     out = Path(args.out) if args.out else Path("rfclip-results") / f"{name}-{args.method}.json"
     out = _check_out_file(out)
     overrides = _overrides(args)
@@ -241,6 +258,7 @@ def run_eval_all(args) -> int:
     if not datasets:
         raise RfclipError(f"none of {', '.join(names)} was found under --root-dir {root_dir}; see "
                           "'rfclip eval-all --help' for the expected folder names")
+    _check_preset_method(args, datasets.values())
     out_dir = common.check_output_dir(args.out_dir)
     overrides = _overrides(args)
     common.check_checkpoint_path(args.checkpoint)

@@ -16,6 +16,11 @@ the settings common to all its datasets. ``register_preset`` adds one more (see 
   448 with 224/112 windows, ADE20K at 448, crops padded to multiples of 56, the ProxyCLIP / FSA class-name files.
 * ``fsa``: FSA's configs (chi-chi-zx/FSA, derived from ProxyCLIP's). As ``proxyclip`` except ``prob_thd`` 0.20 /
   0.14 / 0.30 and Cityscapes windows 224/80.
+* ``rfclip_release``: the released RF-CLIP code's configs (liblacklucy/RF-CLIP at c2b333e). Whole image on VOC21 and
+  COCO-Stuff, 224/112 elsewhere, short side 336 (560 Cityscapes), logit scale 40, ``prob_thd`` 0.1 on VOC21 /
+  Context60 / COCO-Object, PAMR off, and per-dataset options of the ``rfclip_release`` method (the preset's
+  method): ``global_semantics_weight``, ``mean_vector_weight``, ``h_threshold``, and the crop's own [CLS] on
+  Cityscapes (``cls_source="crop"``).
 
 Every preset normalises images with the constants of its repository's mmseg ``SegDataPreProcessor``: CLIP's mean and
 std x 255 rounded to 3 decimals (``constants.MMSEG_CLIP_MEAN`` / ``MMSEG_CLIP_STD``); outside the presets rfclip uses
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Mapping
+from typing import Any, Mapping
 
 from ..constants import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, MMSEG_CLIP_MEAN, MMSEG_CLIP_STD
 from ..errors import RfclipError
@@ -66,7 +71,8 @@ class EvalSettings:
     ``classnames``: which class-name set to use ("default" = SCLIP/NACLIP files, "fsa" = FSA/ProxyCLIP files,
     "clearclip" = ClearCLIP's VOC21 file, the default files elsewhere). ``pixel_mean`` / ``pixel_std``: RGB
     normalisation on the 0-255 scale. ``pad_crops_to``: zero-pad crops to multiples of this many pixels ("patch": the
-    model's patch size; 0: off).
+    model's patch size; 0: off). ``method_options``: options of the preset's method for this dataset (applied
+    where the method takes them and the user did not set them).
     """
 
     short_side: int
@@ -80,6 +86,7 @@ class EvalSettings:
     pixel_mean: tuple[float, float, float] = CLIP_PIXEL_MEAN
     pixel_std: tuple[float, float, float] = CLIP_PIXEL_STD
     pad_crops_to: int | str = 0
+    method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def whole_image(self) -> bool:
@@ -116,6 +123,7 @@ class Preset:
     description: str
     source: str
     settings: Mapping[str, EvalSettings]
+    method: str | None = None  # the method this protocol belongs to (`rfclip eval --preset` without --method)
 
 
 # Columns of the preset tables; a row may add a dict of other EvalSettings fields (SCLIP's area_thd).
@@ -140,12 +148,14 @@ PRESETS: dict[str, dict[str, EvalSettings]] = {}
 PRESET_INFO: dict[str, Preset] = {}
 
 
-def register_preset(name: str, description: str, source: str, settings: Mapping[str, EvalSettings]) -> Preset:
-    """Add a preset (``rfclip eval --preset NAME``); a name already taken is replaced, with a warning."""
+def register_preset(name: str, description: str, source: str, settings: Mapping[str, EvalSettings],
+                    method: str | None = None) -> Preset:
+    """Add a preset (``rfclip eval --preset NAME``); a name already taken is replaced, with a warning. ``method``:
+    the method the preset's ``method_options`` belong to, used when ``--method`` is not given."""
     key = str(name).strip().lower()
     if key in PRESETS:
         warnings.warn(f"settings preset '{key}' is registered again; the new table replaces the old one", stacklevel=2)
-    preset = Preset(key, description, source, dict(settings))
+    preset = Preset(key, description, source, dict(settings), method)
     PRESET_INFO[key] = preset
     PRESETS[key] = dict(preset.settings)
     return preset
@@ -243,6 +253,34 @@ _FSA_ROWS = {
 register_preset("fsa", "FSA's configs (ProxyCLIP's, prob_thd 0.20/0.14/0.30, Cityscapes stride 80) and class-name files",
                 "chi-chi-zx/FSA configs/cfg_*.py, FSA_Proxy_segmentor.py",
                 preset_settings(_FSA_ROWS, classnames="fsa", pad_crops_to=56, **MMSEG_NORMALISATION))
+
+
+# The released RF-CLIP code's configs (liblacklucy/RF-CLIP c2b333e configs/cfg_*.py, custom_segmentor.py; spec
+# rf-clip-released-code.md §3.7): Resize(scale=(2048, 336)) (Cityscapes 560), the segmentor's slide 224/112 unless a
+# config sets slide_crop=0 (VOC21, COCO-Stuff), logit scale 40, PAMR off (eval.py --pamr off), and the CASS extras
+# per dataset (constants.RELEASE_DATASET_EXTRAS); Cityscapes takes each crop's own [CLS] (forward_slide).
+def _release_rows() -> dict[str, tuple]:
+    from ..constants import RELEASE_DATASET_EXTRAS
+
+    rows = {}
+    for name, (gsw, mvw, h, prob_thd, crop) in RELEASE_DATASET_EXTRAS.items():
+        options = dict(global_semantics_weight=gsw, mean_vector_weight=mvw, h_threshold=h,
+                       cls_source="crop" if name == "cityscapes" else "image")
+        rows[name] = (560 if name == "cityscapes" else 336, crop, 112, 40.0, prob_thd, dict(method_options=options))
+    return rows
+
+
+register_preset("rfclip_release", "the released RF-CLIP code's configs (method rfclip_release): whole image on "
+                "VOC21 / COCO-Stuff, else slide 224/112, short side 336 (560 Cityscapes), logit scale 40, prob_thd "
+                "0.1 on VOC21 / Context60 / COCO-Object, PAMR off, per-dataset global_semantics_weight / "
+                "mean_vector_weight / h_threshold, crop [CLS] on Cityscapes",
+                "liblacklucy/RF-CLIP c2b333e configs/cfg_*.py, custom_segmentor.py, eval.py",
+                preset_settings(_release_rows(), **MMSEG_NORMALISATION), method="rfclip_release")
+
+
+def preset_method(preset: str) -> str | None:
+    """The method a preset belongs to (``rfclip_release`` for the ``rfclip_release`` preset), or None."""
+    return PRESET_INFO[check_preset(preset)].method
 
 
 def check_preset(preset: str) -> str:

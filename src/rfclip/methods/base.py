@@ -35,6 +35,21 @@ class Method(Hooks):
         """The method's option values."""
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
 
+    # --- image-level hooks (called by :func:`rfclip.inference.dense_logits`, outside the forward)
+    default_precision: ClassVar[str | None] = None  # what precision="auto" means for this method (None: the default)
+
+    @property
+    def needs_image_cls(self) -> bool:
+        """True when :meth:`logits` needs the [CLS] of the whole image with a sliding window: inference then runs
+        one extra whole-image forward per image (``cls_only``) and passes its [CLS] to every crop of the image."""
+        return False
+
+    def logits(self, features: Tensor, cls: Tensor | None, text_features: Tensor) -> Tensor:
+        """Cosine logits of one batch of crops: ``features`` (B, N, D) fp32 L2-normalised, ``cls`` (B, D) the crop's
+        own [CLS] (or the whole image's, see :attr:`needs_image_cls`; None when the forward has none), and the
+        query embeddings ``text_features`` (Q, D) fp32. Returns (B, N, Q). Default: ``features @ text_features.T``."""
+        return features @ text_features.T
+
 
 def qk_attention(ctx: ForwardContext, q: Tensor, k: Tensor) -> Tensor:
     """CLIP's own attention softmax(q k^T / sqrt(dh)), explicit. Returns (B, H, T, T) fp32."""

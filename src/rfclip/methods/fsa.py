@@ -213,6 +213,9 @@ class FSA(Method):
     def __post_init__(self) -> None:
         if not isinstance(self.base, Method):
             raise TypeError(f"FSA wraps a Method, got {type(self.base).__name__}")
+        if type(self.base).final_tokens is not Method.final_tokens:
+            raise RfclipError(f"the fsa plug-in changes the last block's attention, but {self.base.name} computes its "
+                              "last layer itself (no single attention map); use fsa with another method")
         if self.fsa_lambda is not None:
             lam = float(self.fsa_lambda)
             if not math.isfinite(lam) or lam < 0:
