@@ -24,23 +24,16 @@ applied with masks, never with per-crop index lists.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
+
+from ..dense import no_autocast
 
 CUT_THRESHOLDS = ("mean", "otsu")
 FG_RULES = ("max_abs", "smaller_side", "less_attended")
 EIG_SOLVERS = ("power", "eigh")
 
 _EPS = 1e-12
-
-
-def no_autocast(device: torch.device):
-    """A context in which matmuls run in the tensors' own dtype (fp32 here) even inside ``torch.autocast``."""
-    if device.type in ("cuda", "cpu", "xpu", "mps"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def symmetrize(S: Tensor) -> Tensor:
