@@ -33,8 +33,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..constants import (RF_ALPHA, RF_ATTN_CONDITION_MODELS, RF_CUT_THRESHOLD, RF_DEFOCUS_SIM, RF_EMBED_KERNEL,
-                         RF_LAYERS, RF_POWER_SQUARINGS, RF_PROXY_ATTN, RF_REDISTRIBUTE_TO, RF_TAU_MULT,
+from ..constants import (RF_ALPHA, RF_ATTN_CONDITION_MODELS, RF_CUT_THRESHOLD, RF_DEFOCUS_SIM, RF_EIGENGAP_TOL,
+                         RF_EMBED_KERNEL, RF_FIEDLER_RESIDUAL_TOL,
+                         RF_LAYERS, RF_POWER_MAX_SQUARINGS, RF_PROXY_ATTN, RF_REDISTRIBUTE_TO, RF_TAU_MULT,
                          RF_THETA_ATTN)
 from ..dense import FinalAttention, ForwardContext, softmax_attention
 from ..errors import RfclipError
@@ -113,7 +114,9 @@ class RFCLIP(Method):
         ``defocus_sim`` = kk_avg | kk_cur | qk_cur | qk_avg (Table 5), ``defocus_sim_layers`` = upto_current |
         preceding_only, ``defocus_sim_heads`` = mean | per_head, ``cut_threshold`` = mean | otsu (Table 5),
         ``fg_rule`` = max_abs | smaller_side | less_attended, ``eig_solver`` = power | eigh,
-        ``power_squarings`` = 10.
+        ``power_max_squarings`` = 16, ``fiedler_tol`` = 2e-6 (residual stopping rule of the power solver; graphs
+        above it fall back to eigh), ``eigengap_tol`` = 1e-4 (graphs with a smaller eigengap are degenerate: no
+        graph-cut choice, every non-distraction token is defocused).
     Last layer (eq. 14)
         ``proxy_attn`` = kk_layer_avg | kk_last | qq_last | qq_plus_kk_last | qk_last (Table 7),
         ``proxy_layers`` = all | intermediate, ``proxy_heads`` = per_head | head_mean, ``proxy_include_cls`` =
@@ -162,7 +165,9 @@ class RFCLIP(Method):
     cut_threshold: str = RF_CUT_THRESHOLD
     fg_rule: str = "max_abs"
     eig_solver: str = "power"
-    power_squarings: int = RF_POWER_SQUARINGS
+    power_max_squarings: int = RF_POWER_MAX_SQUARINGS
+    fiedler_tol: float = RF_FIEDLER_RESIDUAL_TOL
+    eigengap_tol: float = RF_EIGENGAP_TOL
     # last layer
     proxy_attn: str = RF_PROXY_ATTN
     proxy_layers: str = "all"
@@ -197,8 +202,12 @@ class RFCLIP(Method):
             raise ValueError(f"embed_kernel must be an odd positive size (3, 5, 7), got {self.embed_kernel}")
         if self.tau is None and float(self.tau_mult) <= 0:
             raise ValueError(f"tau_mult must be positive, got {self.tau_mult}")
-        if int(self.power_squarings) < 0:
-            raise ValueError(f"power_squarings must be >= 0, got {self.power_squarings}")
+        if int(self.power_max_squarings) < 0:
+            raise ValueError(f"power_max_squarings must be >= 0, got {self.power_max_squarings}")
+        if not float(self.fiedler_tol) > 0:
+            raise ValueError(f"fiedler_tol must be positive, got {self.fiedler_tol}")
+        if not float(self.eigengap_tol) >= 0:
+            raise ValueError(f"eigengap_tol must be >= 0, got {self.eigengap_tol}")
         self._dims: tuple[int, ...] | None = None
         self._dims_source: str | None = None
         self._model_name: str | None = None
@@ -384,10 +393,13 @@ class RFCLIP(Method):
                 S = src[:, :, 1:, 1:].float() / n  # (B, H, N, N)
                 d = dis.unsqueeze(1)
                 col = A[:, :, 1:, 1:].mean(-2) if self.fg_rule == "less_attended" else None
-            target, y = defocused_tokens(symmetrize(S), d, self.cut_threshold, self.fg_rule, col,
-                                         self.eig_solver, int(self.power_squarings))
+            target, fied = defocused_tokens(symmetrize(S), d, self.cut_threshold, self.fg_rule, col,
+                                            self.eig_solver, gap_tol=float(self.eigengap_tol),
+                                            max_squarings=int(self.power_max_squarings), tol=float(self.fiedler_tol))
         if ctx.record is not None:
+            y = fied.y
             ctx.log(f"rf.L{layer}.fiedler", y if y.dim() == 2 else y.mean(1))
+            ctx.log(f"rf.L{layer}.eigengap", fied.gap if fied.gap.dim() == 1 else fied.gap.amin(1))
             ctx.log(f"rf.L{layer}.def", target if target.dim() == 2 else target.float().mean(1))
         return target
 
