@@ -18,7 +18,8 @@ from rfclip.constants import DISTRACTION_DIMS
 from rfclip.dense import DenseCLIP
 from rfclip.errors import RfclipError
 from rfclip.methods import build_method
-from rfclip.methods.defocus import bipartition, defocused_tokens, fiedler_vector, foreground_side, otsu_threshold
+from rfclip.methods.defocus import (bipartition, defocused_tokens, fiedler_vector, foreground_side, otsu_threshold,
+                                    symmetrize)
 from rfclip.methods.options import parse_layers
 from rfclip.methods.refocus import distraction_scores, embed_redistribute, redistribute_attention
 from rfclip.methods.rfclip import RFCLIP
@@ -303,6 +304,70 @@ def test_foreground_rules_and_defocus_masks():
     assert not (defo & dis).any()
     assert defo.any(-1).all()  # non-empty (fallback to all non-distraction tokens)
     assert defo[2].tolist() == (~dis[2]).tolist()
+
+
+def clustered_graph(sizes=(5, 80, 111), within=(8.0, 2.0, 2.0), between=0.2, seed=0):
+    """A patch graph of clusters (the first: the distraction tokens, tight, as tokens sharing over-activated
+    channels are) with small random weights on top. Returns W (1, N, N) and the cluster label of each node."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+    same = labels[:, None] == labels[None, :]
+    strength = torch.tensor(within)[labels]
+    W = torch.where(same, strength[:, None].expand(-1, len(labels)), torch.full_like(same, between, dtype=torch.float))
+    W = W + 0.05 * torch.rand(len(labels), len(labels), generator=g)
+    return symmetrize(W)[None], labels
+
+
+def test_side_rules_orient_away_from_the_distraction_tokens():
+    y = torch.tensor([[0.9, 0.8, 0.7, -0.1, -0.2, -0.3], [0.1, 0.2, -0.4, -0.3, 0.5, -0.2]])
+    dis = torch.tensor([[True, True, False, False, False, False], [False, False, False, False, False, False]])
+    upper = bipartition(y)
+    # crop 0: the distraction tokens hold the largest |y|: TokenCut's max_abs takes their side
+    assert foreground_side(y, upper, "max_abs")[0].tolist() == [True, True, True, False, False, False]
+    fewer = foreground_side(y, upper, "fewer_distraction", dis=dis)
+    assert fewer[0].tolist() == [False, False, False, True, True, True]
+    # crop 1: no distraction token on either side (a tie): max_abs over the non-distraction tokens (|-0.4| < 0.5)
+    assert fewer[1].tolist() == upper[1].tolist()
+    with pytest.raises(ValueError):
+        foreground_side(y, upper, "fewer_distraction")
+    # On a graph whose tightest cluster is the distraction tokens, the cut separates them: max_abs defocuses the
+    # tokens of their side, fewer_distraction the others.
+    W, labels = clustered_graph(sizes=(5, 40, 151), within=(8.0, 1.5, 1.0))
+    dis = (labels == 0)[None]
+    y = fiedler_vector(W).y
+    side = bipartition(y)
+    assert (side[0, :5] == side[0, 0]).all()  # the distraction tokens are on one side
+    away, _ = defocused_tokens(W, dis)
+    towards, _ = defocused_tokens(W, dis, rule="max_abs")
+    assert not (away & towards).any() and torch.equal(away | towards, ~dis)
+    assert torch.equal(away[0], side[0] != side[0, 0])  # the side without them
+    assert (towards[0] == (side[0] == side[0, 0]) & ~dis[0]).all()
+
+
+def test_cut_of_the_non_distraction_graph():
+    """cut_graph='non_distraction': the Fiedler vector of the subgraph of the non-distraction patches (fp64 eigh of
+    the submatrix as the reference), the threshold over those patches only, distraction tokens on neither side."""
+    W, labels = clustered_graph()
+    dis = (labels == 0)[None]
+    keep = ~dis[0]
+    sub = W[0][keep][:, keep].double()
+    val, ref = scipy_fiedler(sub.numpy())
+    for solver in ("power", "eigh"):
+        fied = fiedler_vector(W, solver, valid=~dis)
+        assert torch.equal(fied.y[dis], torch.zeros(5))
+        got = fied.y[0][keep].double().numpy()
+        got = got * np.sign(got @ np.diag(sub.sum(1).numpy()) @ ref)
+        np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max())
+        assert abs(fied.lam[0].item() - val) < 1e-5
+        upper = bipartition(fied.y, valid=~dis)
+        assert not (upper & dis).any()
+        torch.testing.assert_close(otsu_threshold(fied.y, ~dis), otsu_threshold(fied.y[:, keep]))
+        target, _ = defocused_tokens(W, dis, solver=solver, cut_graph="non_distraction")
+        clusters = {int(c) for c in labels[target[0]]}
+        assert clusters in ({1}, {2})  # exactly one of the two non-distraction clusters
+        assert int(target.sum()) in (80, 111)
+    with pytest.raises(ValueError):
+        defocused_tokens(W, dis, cut_graph="other")
 
 
 def test_parse_layers():

@@ -11,8 +11,11 @@ In every residual layer ``l`` (``rf_layers``, default all; Table 7) of the crop 
    3x3 neighbourhood mean (valid neighbours, centre included, all from the pre-update tensor); nothing else
    changes. The filtered stream is this layer's input from here on (its Q/K/V and residual).
 3. **Defocus localization** (eq. 7-8): normalized cut of the patch graph ``W = sym(mean_{m<=l, h} KK_h^m)``
-   (key-key softmax averaged over the layers so far and the heads); the Fiedler vector is split at its mean
-   and the side holding its largest ``|y|`` is the foreground; ``T_def = foreground \\ T_dis``.
+   (key-key softmax averaged over the layers so far and the heads) over all N patches, distraction tokens
+   included (eq. 8); the Fiedler vector is split at its mean and the side holding fewer distraction tokens is the
+   foreground (the paper leaves the sign of ``y`` open; ties: the side of the largest ``|y|`` among the
+   non-distraction tokens); ``T_def = foreground \\ T_dis``. Where the graph is degenerate (eigengap below
+   ``eigengap_tol``) or the foreground has no non-distraction token, ``T_def`` = all non-distraction tokens.
 4. **Attention redistribution** (eq. 9-12), per head on the patch x patch block of this layer's query-key
    attention: distraction columns shrink by ``(1 - alpha)``; each row's freed budget goes to its ``T_def``
    columns in proportion to their original weights. Rows keep their sums; the [CLS] row and column are untouched.
@@ -40,7 +43,7 @@ from ..constants import (RF_ALPHA, RF_ATTN_CONDITION_MODELS, RF_CUT_THRESHOLD, R
 from ..dense import FinalAttention, ForwardContext, softmax_attention
 from ..errors import RfclipError
 from .base import Method, register_method
-from .defocus import CUT_THRESHOLDS, EIG_SOLVERS, FG_RULES, defocused_tokens, no_autocast, symmetrize
+from .defocus import CUT_GRAPHS, CUT_THRESHOLDS, EIG_SOLVERS, FG_RULES, defocused_tokens, no_autocast, symmetrize
 from .options import check_choice, coerce_fields, parse_layers, parse_switch
 from .refocus import (EMBED_PADDINGS, PHI_NORMS, distraction_scores, embed_redistribute, lowpass_clamp,
                       random_like_count, redistribute_attention)
@@ -113,7 +116,9 @@ class RFCLIP(Method):
     Defocus localization (eq. 7-8)
         ``defocus_sim`` = kk_avg | kk_cur | qk_cur | qk_avg (Table 5), ``defocus_sim_layers`` = upto_current |
         preceding_only, ``defocus_sim_heads`` = mean | per_head, ``cut_threshold`` = mean | otsu (Table 5),
-        ``fg_rule`` = max_abs | smaller_side | less_attended, ``eig_solver`` = power | eigh,
+        ``fg_rule`` = fewer_distraction (the side with fewer distraction tokens) | max_abs (TokenCut) |
+        smaller_side | less_attended, ``cut_graph`` = all (eq. 8) | non_distraction (the graph of the
+        non-distraction patches only), ``eig_solver`` = power | eigh,
         ``power_max_squarings`` = 16, ``fiedler_tol`` = 2e-6 (residual stopping rule of the power solver; graphs
         above it fall back to eigh), ``eigengap_tol`` = 1e-4 (graphs with a smaller eigengap are degenerate: no
         graph-cut choice, every non-distraction token is defocused).
@@ -163,7 +168,8 @@ class RFCLIP(Method):
     defocus_sim_layers: str = "upto_current"
     defocus_sim_heads: str = "mean"
     cut_threshold: str = RF_CUT_THRESHOLD
-    fg_rule: str = "max_abs"
+    fg_rule: str = "fewer_distraction"
+    cut_graph: str = "all"
     eig_solver: str = "power"
     power_max_squarings: int = RF_POWER_MAX_SQUARINGS
     fiedler_tol: float = RF_FIEDLER_RESIDUAL_TOL
@@ -189,6 +195,7 @@ class RFCLIP(Method):
         check_choice("defocus_sim_heads", self.defocus_sim_heads, SIM_HEADS)
         check_choice("cut_threshold", self.cut_threshold, CUT_THRESHOLDS)
         check_choice("fg_rule", self.fg_rule, FG_RULES)
+        check_choice("cut_graph", self.cut_graph, CUT_GRAPHS)
         check_choice("eig_solver", self.eig_solver, EIG_SOLVERS)
         check_choice("proxy_attn", self.proxy_attn, PROXY_ATTNS)
         check_choice("proxy_layers", self.proxy_layers, PROXY_LAYERS)
@@ -394,7 +401,8 @@ class RFCLIP(Method):
                 d = dis.unsqueeze(1)
                 col = A[:, :, 1:, 1:].mean(-2) if self.fg_rule == "less_attended" else None
             target, fied = defocused_tokens(symmetrize(S), d, self.cut_threshold, self.fg_rule, col,
-                                            self.eig_solver, gap_tol=float(self.eigengap_tol),
+                                            self.eig_solver, cut_graph=self.cut_graph,
+                                            gap_tol=float(self.eigengap_tol),
                                             max_squarings=int(self.power_max_squarings), tol=float(self.fiedler_tol))
         if ctx.record is not None:
             y = fied.y
