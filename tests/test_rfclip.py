@@ -375,8 +375,54 @@ def test_parse_layers():
     assert parse_layers(None, 4) == frozenset(range(4))
     assert parse_layers("0-2,5", 12) == frozenset({0, 1, 2, 5})
     assert parse_layers([-1, 0], 12) == frozenset({0, 11})
-    with pytest.raises(RfclipError):
-        parse_layers([12], 12)
+    assert parse_layers("-3--1", 12) == parse_layers(["9-10", 11], 12) == frozenset({9, 10, 11})
+    for spec, message in (([12], "layer 12 out of range for a 12-layer model"),
+                          ("0-20", "layer 20 out of range for a 12-layer model"),
+                          ("5-2", "the range 5-2 is empty"), ("-1-2", "the range -1-2 is empty"),
+                          ("1-", "cannot read '1-'"), ("one", "cannot read 'one'"), ([True], "cannot read")):
+        with pytest.raises(RfclipError, match=message) as err:
+            parse_layers(spec, 12)
+        assert "\n" not in str(err.value)
+
+
+def test_rf_layers_checked_at_construction_and_once_the_model_is_known(tiny_clip):
+    for bad in ("5-2", "1-", "0-x"):  # syntax: at construction
+        with pytest.raises(RfclipError, match="rf_layers"):
+            build_method("rfclip", rf_layers=bad)
+    method = build_method("rfclip", distraction_dims=TINY_DIMS, rf_layers="0-20")  # range: the model decides
+    with pytest.raises(RfclipError, match="layer 20 out of range for a 3-layer model"):
+        method.prepare(tiny_clip)  # what Segmenter calls
+    with pytest.raises(RfclipError, match="layer 20 out of range for a 3-layer model"):
+        DenseCLIP(tiny_clip.model.visual)(torch.randn(1, 3, 64, 64), method)  # direct use: at the first forward
+    from rfclip.segmenter import Segmenter
+
+    with pytest.raises(RfclipError, match="layer 20 out of range"):
+        Segmenter(tiny_clip, method="rfclip", distraction_dims=TINY_DIMS, rf_layers="0-20", device="cpu",
+                  text_cache=False)
+
+
+class _Geometry:
+    def __init__(self, layers, width, patch):
+        self.num_layers, self.width, self.patch_size = layers, width, (patch, patch)
+
+
+def test_attention_condition_from_the_encoder_geometry(tiny_clip, images, monkeypatch):
+    auto = build_method("rfclip", distraction_dims=TINY_DIMS)
+    assert auto.uses_attn_condition(_Geometry(24, 1024, 14))  # CLIP ViT-L/14 (and ViT-L-14-336)
+    assert not auto.uses_attn_condition(_Geometry(12, 768, 16))  # ViT-B/16
+    assert not auto.uses_attn_condition(_Geometry(24, 1024, 16))
+    assert not build_method("rfclip", attn_condition="off").uses_attn_condition(_Geometry(24, 1024, 14))
+    assert build_method("rfclip", attn_condition="on").uses_attn_condition(_Geometry(12, 768, 16))
+    # build_method + DenseCLIP without Segmenter (no prepare): the geometry decides in begin(). The tiny model
+    # stands in for L/14 here; theta_a = 1 rejects every token, so a planted token is no distraction token.
+    import rfclip.methods.rfclip as rfclip_module
+
+    planted = plant(tiny_clip, [17, 60], dim=20)
+    enc = DenseCLIP(planted.model.visual)
+    monkeypatch.setattr(rfclip_module, "RF_ATTN_CONDITION_GEOMETRY", ((enc.num_layers, enc.width, 16),))
+    rec: dict = {}
+    enc(images[:1], build_method("rfclip", distraction_dims=TINY_DIMS, theta_a=1.0), record=rec)
+    assert rec["rf.L0.phi_pass"][0].sum() == 2 and not rec["rf.L0.dis"][0].any()
 
 
 # ------------------------------------------------------------------------------------ whole forward
@@ -540,6 +586,11 @@ def test_dims_lookup_and_missing_dims_error(tiny_clip, tmp_path, monkeypatch):
     with pytest.raises(RfclipError) as err:
         resolve_distraction_dims(FakeClip("ViT-B-32", "laion2b_s34b_b79k"))
     assert "rfclip calibrate --model ViT-B-32 --pretrained laion2b_s34b_b79k IMAGES_DIR" in str(err.value)
+    # ViT-L-14-336 is not assumed to share ViT-L/14's dims: calibrate (or pass dims) like any other model
+    with pytest.raises(RfclipError, match="rfclip calibrate --model ViT-L-14-336 --pretrained openai"):
+        resolve_distraction_dims(FakeClip("ViT-L-14-336", "openai"))
+    with pytest.raises(RfclipError, match="rfclip calibrate"):
+        resolve_distraction_dims(FakeClip("ViT-L-14-336", None, source="openai-torchscript:/x/ViT-L-14-336.pt"))
     with pytest.raises(RfclipError):
         resolve_distraction_dims(FakeClip("ViT-B-16", "openai"), distraction_dims=[800], width=768)
 

@@ -28,11 +28,11 @@ NACLIP_GAUSSIAN_STD = 5.0  # sigma of the neighbourhood prior, in patch units
 # --- RF-CLIP (AAAI 2026) ---------------------------------------------------------------------------
 # Distraction dimensions D_dis (0-based channels of the residual stream). The paper text names
 # 4, 162, 474 (B/16) and 250, 261, 437 (L/14); the full lists are the paper's footnote 3 and the
-# authors' released code.
+# authors' released code. Only the two backbones the paper studies: ViT-L-14-336 (other weights, fine-tuned at
+# 336 px) is calibrated like any other model (`rfclip calibrate`), not assumed to share ViT-L/14's dims.
 DISTRACTION_DIMS = {
     ("ViT-B-16", "openai"): (4, 162, 189, 326, 429, 474, 633, 713),
     ("ViT-L-14", "openai"): (250, 261, 437, 650, 720, 779, 936, 1005),
-    ("ViT-L-14-336", "openai"): (250, 261, 437, 650, 720, 779, 936, 1005),
 }
 RF_TAU_MULT = 5.0  # tau = 5 / d, Fig. 6(a): best on all 8 benchmarks
 RF_ALPHA = 0.4  # attenuation: fraction of distraction attention moved; Fig. 6(b) optimum lost, code keeps 0.6
@@ -44,7 +44,9 @@ RF_DEFOCUS_SIM = "kk_avg"  # similarity for the cut: key-key attention averaged 
 RF_REDISTRIBUTE_TO = "defocused"  # where the freed attention goes, Table 6 (defocused > non-distraction > [CLS])
 RF_PROXY_ATTN = "kk_layer_avg"  # last layer's proxy attention: layer-averaged key-key, Table 7 (IV), eq. 14
 RF_LAYERS = "all"  # layers whose attention is redistributed, Table 7 (VIII: all layers best)
-RF_ATTN_CONDITION_MODELS = ("ViT-L-14", "ViT-L-14-336")  # extra attention condition, App. "Analysis in CLIP-L/14"
+# Extra attention condition for CLIP ViT-L/14 (App. "Analysis in CLIP-L/14"), switched on by attn_condition="auto"
+# for encoders of this geometry: (layers, width, patch size).
+RF_ATTN_CONDITION_GEOMETRY = ((24, 1024, 14),)
 # Defocus eigen-solver (implementation choices, not the paper; measured in benchmarks/fiedler.py): repeated squaring
 # checked from 2^4 to 2^16 power steps, stopping once |M z - mu z| <= 2e-6 (fp32 reaches ~2e-7-5e-7 on 196-node
 # graphs), torch.linalg.eigh for the graphs that do not get there. Graphs whose eigengap lambda3 - lambda2 is below

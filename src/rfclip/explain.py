@@ -155,7 +155,7 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
     mean_weight = embedding_weights(profile[0]).mean(0).cpu().numpy()
 
     L = encoder.num_layers
-    chosen = sorted(parse_layers(layers, L))
+    chosen = sorted(parse_layers(layers, L, name="layers"))
     dims = list(method._dims or [])
     tau = method.threshold(encoder.width) if method.detects else None
 

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..constants import (RF_ALPHA, RF_ATTN_CONDITION_MODELS, RF_CUT_THRESHOLD, RF_DEFOCUS_SIM, RF_EIGENGAP_TOL,
+from ..constants import (RF_ALPHA, RF_ATTN_CONDITION_GEOMETRY, RF_CUT_THRESHOLD, RF_DEFOCUS_SIM, RF_EIGENGAP_TOL,
                          RF_EMBED_KERNEL, RF_FIEDLER_RESIDUAL_TOL,
                          RF_LAYERS, RF_POWER_MAX_SQUARINGS, RF_PROXY_ATTN, RF_REDISTRIBUTE_TO, RF_TAU_MULT,
                          RF_THETA_ATTN)
@@ -44,7 +44,7 @@ from ..dense import FinalAttention, ForwardContext, softmax_attention
 from ..errors import RfclipError
 from .base import Method, register_method
 from .defocus import CUT_GRAPHS, CUT_THRESHOLDS, EIG_SOLVERS, FG_RULES, defocused_tokens, no_autocast, symmetrize
-from .options import check_choice, coerce_fields, parse_layers, parse_switch
+from .options import check_choice, coerce_fields, layer_spec, parse_layers, parse_switch
 from .refocus import (EMBED_PADDINGS, PHI_NORMS, distraction_scores, embed_redistribute, lowpass_clamp,
                       random_like_count, redistribute_attention)
 
@@ -82,6 +82,7 @@ class RFState:
     """RF-CLIP's state within one forward (``ctx.store["rfclip"]``)."""
 
     layers: frozenset[int]  # layers whose input is checked for distraction tokens (rf_layers)
+    attn_condition: bool = False  # the ViT-L/14 attention condition is on
     dims: Tensor | None = None  # (k,) long distraction dims on the crops' device
     tau: float | None = None
     need_kk: bool = False  # keep the running key-key sum (last-layer proxy, or the kk_avg graph)
@@ -102,7 +103,8 @@ class RFCLIP(Method):
     Distractor localization
         ``distraction_dims`` (None: built-in for OpenAI ViT-B/16, ViT-L/14; else ``dims_file`` or the calibration
         cache), ``dims_file``, ``tau_mult`` = 5 (tau = tau_mult / d, Fig. 6(a)), ``tau`` (absolute, overrides),
-        ``phi_norm`` = minshift | abs | raw, ``attn_condition`` = auto (on for ViT-L/14) | on | off, ``theta_a`` = 0.1,
+        ``phi_norm`` = minshift | abs | raw, ``attn_condition`` = auto (on for the ViT-L/14 geometry: 24 layers,
+        width 1024, patch 14) | on | off, ``theta_a`` = 0.1,
         ``attn_rule`` = theta (column mean > theta_a) | five_over_n (> 5/N), ``random_tokens`` (Table 4 (II):
         a random set of the same size instead of T_dis), ``rf_layers`` = all (Table 7).
     Embedding redistribution (eq. 13)
@@ -217,7 +219,7 @@ class RFCLIP(Method):
             raise ValueError(f"eigengap_tol must be >= 0, got {self.eigengap_tol}")
         self._dims: tuple[int, ...] | None = None
         self._dims_source: str | None = None
-        self._model_name: str | None = None
+        layer_spec(self.rf_layers)  # syntax now; the range once the model is known (prepare / begin)
         self._dims_cache: dict[torch.device, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------ setup
@@ -230,17 +232,22 @@ class RFCLIP(Method):
     def prepare(self, clip) -> None:
         from ..distraction_dims import resolve_distraction_dims
 
-        self._model_name = getattr(clip, "name", None)
-        width = int(clip.model.visual.transformer.width) if hasattr(clip.model.visual, "transformer") else None
+        transformer = getattr(clip.model.visual, "transformer", None)
+        width = int(transformer.width) if transformer is not None else None
+        if transformer is not None and hasattr(transformer, "resblocks"):
+            parse_layers(self.rf_layers, len(transformer.resblocks))
         if self.detects:
             self._dims, self._dims_source = resolve_distraction_dims(clip, self.distraction_dims, self.dims_file,
                                                                      width=width)
             self._dims_cache.clear()
 
-    def uses_attn_condition(self) -> bool:
+    def uses_attn_condition(self, encoder) -> bool:
+        """The ViT-L/14 attention condition: ``attn_condition`` on/off, or with ``auto`` from the encoder's geometry
+        (layers, width, patch size) of CLIP ViT-L/14, whatever the model is called or however it was built."""
         if self._attn_cond is not None:
             return self._attn_cond
-        return self._model_name in RF_ATTN_CONDITION_MODELS
+        geometry = (encoder.num_layers, encoder.width, encoder.patch_size[0])
+        return encoder.patch_size[0] == encoder.patch_size[1] and geometry in RF_ATTN_CONDITION_GEOMETRY
 
     def _resolve_dims_lazily(self, width: int) -> tuple[int, ...]:
         if self._dims is None:
@@ -273,6 +280,7 @@ class RFCLIP(Method):
         defocus_proxy = self.redistribute_proxy and self.redistribute_to == "defocused"
         st = RFState(
             layers=parse_layers(self.rf_layers, ctx.num_layers),
+            attn_condition=self.uses_attn_condition(ctx.encoder),
             need_kk=(self.proxy_attn == "kk_layer_avg" or ((defocus or defocus_proxy) and self.defocus_sim == "kk_avg")),
             need_qk=(defocus or defocus_proxy) and self.defocus_sim == "qk_avg",
         )
@@ -297,7 +305,7 @@ class RFCLIP(Method):
         if rec:
             ctx.log(f"rf.L{layer}.phi", phi)
             ctx.log(f"rf.L{layer}.phi_pass", dis)
-        if self.uses_attn_condition() and bool(dis.any()):
+        if st.attn_condition and bool(dis.any()):
             col = self._column_attention(ctx, layer, x)  # (B, N)
             thr = float(self.theta_a) if self.attn_rule == "theta" else 5.0 / col.shape[-1]
             dis = dis & (col > thr)
