@@ -513,7 +513,8 @@ OPTION_SETS = [
     dict(defocus_sim_layers="preceding_only"), dict(defocus_sim="qk_avg", defocus_sim_layers="preceding_only"),
     dict(redistribute_to="non_distraction"), dict(redistribute_to="cls"), dict(redistribute_cls_row=True),
     dict(embed_kernel=5, embed_exclude_center=True), dict(embed_channels="all", embed_blend=0.4, embed_padding="zero"),
-    dict(suppress_mode="mask"), dict(suppress_mode="lowpass"), dict(suppress_mode="mean"),
+    dict(suppress_mode="mask", attn_redistribution=False), dict(suppress_mode="lowpass", embed_redistribution=False),
+    dict(suppress_mode="mean", embed_redistribution=False),
     dict(suppress_mode="median", attn_redistribution=False, embed_redistribution=False),
     dict(random_tokens=True), dict(phi_norm="abs"), dict(attn_condition="on", theta_a=0.0),
     dict(attn_condition="on", attn_rule="five_over_n"), dict(rf_layers="1-2"),
@@ -554,9 +555,23 @@ def test_attention_condition_filters(tiny_clip, images):
 
 def test_options_are_validated():
     for bad in (dict(cut_threshold="median"), dict(alpha=1.5), dict(embed_kernel=4), dict(proxy_attn="x"),
-                dict(attn_condition="maybe"), dict(lam=0.3)):
+                dict(attn_condition="maybe"), dict(lam=0.3), dict(cut_graph="some"), dict(fg_rule="largest")):
         with pytest.raises(RfclipError):
             build_method("rfclip", **bad)
+    # combinations that would silently undo or ignore each other: one-line errors at construction
+    for bad, message in ((dict(suppress_mode="mean"), "set embed_redistribution=false"),
+                         (dict(suppress_mode="median"), "set embed_redistribution=false"),
+                         (dict(suppress_mode="lowpass"), "set embed_redistribution=false"),
+                         (dict(suppress_mode="mask"), "set attn_redistribution=false"),
+                         (dict(suppress_mode="mask", attn_redistribution=False, redistribute_proxy=True),
+                          "redistribute_proxy=false"),
+                         (dict(proxy_renorm=True, proxy_include_cls=True), "choose one"),
+                         (dict(proxy_layers="intermediate", proxy_attn="qq_last"), "kk_layer_avg only")):
+        with pytest.raises(RfclipError, match=message) as err:
+            build_method("rfclip", **bad)
+        assert "\n" not in str(err.value)
+    build_method("rfclip", suppress_mode="mean", embed_redistribution=False)  # Table 4 (III)/(IV) stay possible
+    build_method("rfclip", suppress_mode="mask", attn_redistribution=False)
     m = build_method("rfclip", alpha="0.3", embed_redistribution="false", embed_kernel="5", tau="0.01")
     assert (m.alpha, m.embed_redistribution, m.embed_kernel, m.tau) == (0.3, False, 5, 0.01)
     with pytest.raises(RfclipError):

@@ -217,10 +217,26 @@ class RFCLIP(Method):
             raise ValueError(f"fiedler_tol must be positive, got {self.fiedler_tol}")
         if not float(self.eigengap_tol) >= 0:
             raise ValueError(f"eigengap_tol must be >= 0, got {self.eigengap_tol}")
+        self._check_combinations()
         self._dims: tuple[int, ...] | None = None
         self._dims_source: str | None = None
         layer_spec(self.rf_layers)  # syntax now; the range once the model is known (prepare / begin)
         self._dims_cache: dict[torch.device, Tensor] = {}
+
+    def _check_combinations(self) -> None:
+        """Options that would silently undo or ignore each other are errors."""
+        if self.suppress_mode in ("mean", "median", "lowpass") and self.embed_redistribution:
+            raise ValueError(f"suppress_mode={self.suppress_mode} replaces the embedding redistribution (Table 1); "
+                             "set embed_redistribution=false")
+        if self.suppress_mode == "mask" and (self.attn_redistribution or self.redistribute_proxy):
+            raise ValueError("suppress_mode=mask removes the attention to distraction tokens, which leaves none to "
+                             "redistribute; set attn_redistribution=false (and redistribute_proxy=false)")
+        if self.proxy_renorm and self.proxy_include_cls:
+            raise ValueError("proxy_renorm renormalises the patch block, proxy_include_cls keeps the whole (already "
+                             "row-stochastic) map; choose one")
+        if self.proxy_layers != "all" and self.proxy_attn != "kk_layer_avg":
+            raise ValueError(f"proxy_layers={self.proxy_layers} applies to proxy_attn=kk_layer_avg only, not "
+                             f"{self.proxy_attn}")
 
     # ------------------------------------------------------------------------------------------ setup
     @property
