@@ -44,14 +44,14 @@ def disjoint_masks(B, N, seed=0):
 # ------------------------------------------------------------------------------------ attention redistribution
 @pytest.mark.parametrize("per_head", [False, True])
 def test_redistribution_formula(per_head):
-    B, H, N, alpha = 3, 4, 30, 0.4
+    B, H, N, beta = 3, 4, 30, 0.4
     A = random_attention(B, H, N)
     dis, target = disjoint_masks(B, N)
     if per_head:  # per-head targets: a different subset per head
         g = torch.Generator().manual_seed(1)
         target = target.unsqueeze(1) & (torch.rand(B, H, N, generator=g) < 0.7)
         target[:, :, 0] |= ~dis[:, 0:1]  # keep every head's target set non-empty
-    out = redistribute_attention(A.clone(), dis, target, alpha)
+    out = redistribute_attention(A.clone(), dis, target, beta)
     torch.testing.assert_close(out.sum(-1), torch.ones(B, H, N + 1), atol=1e-5, rtol=0)
     assert out.min() >= 0
     # [CLS] row and column untouched; crop 0 (no distraction) untouched.
@@ -60,32 +60,32 @@ def test_redistribution_formula(per_head):
     P, Q = A[:, :, 1:, 1:].double(), out[:, :, 1:, 1:].double()
     md = dis[:, None, None, :].expand_as(P)
     mt = (target if target.dim() == 3 else target[:, None]).unsqueeze(-2).expand_as(P)
-    # distraction columns shrink by exactly (1 - alpha)
-    torch.testing.assert_close(Q[md], (1 - alpha) * P[md], rtol=1e-6, atol=1e-9)
+    # distraction columns shrink by exactly (1 - beta)
+    torch.testing.assert_close(Q[md], (1 - beta) * P[md], rtol=1e-6, atol=1e-9)
     # the budget lands on the targets in proportion to their original weights
-    budget = alpha * (P * md).sum(-1, keepdim=True)
+    budget = beta * (P * md).sum(-1, keepdim=True)
     share = (P * mt) / (P * mt).sum(-1, keepdim=True)
-    torch.testing.assert_close(Q, P - alpha * P * md + budget * share * mt, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(Q, P - beta * P * md + budget * share * mt, rtol=1e-5, atol=1e-7)
     # other columns unchanged
     other = ~md & ~mt
     assert torch.equal(Q[other], P[other])
 
 
 def test_redistribution_to_cls_and_cls_row():
-    B, H, N, alpha = 2, 3, 12, 0.5
+    B, H, N, beta = 2, 3, 12, 0.5
     A = random_attention(B, H, N, seed=3)
     dis, _ = disjoint_masks(B, N, seed=3)
-    out = redistribute_attention(A.clone(), dis, None, alpha, to_cls=True)
+    out = redistribute_attention(A.clone(), dis, None, beta, to_cls=True)
     torch.testing.assert_close(out.sum(-1), torch.ones(B, H, N + 1), atol=1e-5, rtol=0)
-    budget = alpha * (A[:, :, 1:, 1:] * dis[:, None, None, :]).sum(-1)
+    budget = beta * (A[:, :, 1:, 1:] * dis[:, None, None, :]).sum(-1)
     torch.testing.assert_close(out[:, :, 1:, 0], A[:, :, 1:, 0] + budget)
     assert torch.equal(out[:, :, 0], A[:, :, 0])
-    with_row = redistribute_attention(A.clone(), dis, ~dis, alpha, cls_row=True)
+    with_row = redistribute_attention(A.clone(), dis, ~dis, beta, cls_row=True)
     assert not torch.equal(with_row[1, :, 0], A[1, :, 0])
     torch.testing.assert_close(with_row.sum(-1), torch.ones(B, H, N + 1), atol=1e-5, rtol=0)
 
 
-def test_redistribution_alpha_zero_and_empty_target_are_identity():
+def test_redistribution_beta_zero_and_empty_target_are_identity():
     A = random_attention(2, 2, 10, seed=5)
     dis, target = disjoint_masks(2, 10, seed=5)
     assert torch.allclose(redistribute_attention(A.clone(), dis, target, 0.0), A)
@@ -119,6 +119,36 @@ def test_embed_redistribution_hand_computed():
         for i in torch.nonzero(dis[b]).flatten().tolist():
             allowed[b, 1 + i, dims] = True
     assert not (changed & ~allowed).any()
+
+
+def test_embed_redistribution_eq13_eight_neighbours():
+    """eq. 13 (the paper's default): the mean of the 8 neighbours, centre excluded; at the border the in-grid
+    neighbours (3 at a corner, 5 along an edge)."""
+    h, w, C = 4, 5, 6
+    dims = torch.tensor([0, 3])
+    x = torch.randn(1, 1 + h * w, C, generator=torch.Generator().manual_seed(1))
+    dis = torch.zeros(1, h * w, dtype=torch.bool)
+    dis[0, [0, 2, 7]] = True  # a corner, an edge token, an interior token
+    out = embed_redistribute(x, dis, dims, (h, w), kernel=3, exclude_center=True)
+    for i, count in ((0, 3), (2, 5), (7, 8)):
+        u, v = divmod(i, w)
+        nb = [1 + uu * w + vv for uu in range(u - 1, u + 2) for vv in range(v - 1, v + 2)
+              if 0 <= uu < h and 0 <= vv < w and (uu, vv) != (u, v)]
+        assert len(nb) == count
+        torch.testing.assert_close(out[0, 1 + i, dims], x[0, nb][:, dims].mean(0))
+    assert torch.equal(out[0, 1 + 1], x[0, 1 + 1])
+
+
+def test_defaults_are_the_papers_and_the_code_values_stay_reachable():
+    paper = build_method("rfclip")
+    assert (paper.beta, paper.embed_exclude_center, paper.embed_padding, paper.phi_norm) == (0.7, True, "valid",
+                                                                                            "minshift")
+    code = build_method("rfclip_code_constants")
+    assert (code.beta, code.embed_exclude_center) == (0.4, False)
+    released_filter = build_method("rfclip_code_embed")
+    assert (released_filter.embed_channels, released_filter.embed_padding, released_filter.embed_blend,
+            released_filter.embed_exclude_center) == ("all", "zero", 0.4, False)
+    assert build_method("rfclip", beta=0.4, embed_exclude_center=False).options() == code.options()
 
 
 def test_embed_redistribution_code_variant():
@@ -459,7 +489,7 @@ def test_planted_distraction_detected_and_attention_share_drops(tiny_clip, image
     before, after = rec["rf.L0.attn"][0], rec["rf.L0.attn_after"][0]  # head-averaged (B, T, T)
     share_before = before[:, 1:, 1:][..., tokens].sum(-1)  # attention each patch query pays the planted tokens
     share_after = after[:, 1:, 1:][..., tokens].sum(-1)
-    torch.testing.assert_close(share_after, (1 - method.alpha) * share_before, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(share_after, (1 - method.beta) * share_before, rtol=1e-4, atol=1e-7)
     assert (share_after < share_before).all()
     defocused = rec["rf.L0.def"][0].bool()
     assert not (defocused & dis).any() and defocused.any(-1).all()
@@ -520,7 +550,7 @@ OPTION_SETS = [
     dict(attn_condition="on", attn_rule="five_over_n"), dict(rf_layers="1-2"),
     dict(proxy_attn="kk_last"), dict(proxy_attn="qq_last"), dict(proxy_attn="qq_plus_kk_last"),
     dict(proxy_attn="qk_last"), dict(proxy_layers="intermediate"), dict(proxy_heads="head_mean"),
-    dict(proxy_renorm=True), dict(redistribute_proxy=True), dict(alpha=1.0),
+    dict(proxy_renorm=True), dict(redistribute_proxy=True), dict(beta=1.0),
 ]
 
 
@@ -554,8 +584,9 @@ def test_attention_condition_filters(tiny_clip, images):
 
 
 def test_options_are_validated():
-    for bad in (dict(cut_threshold="median"), dict(alpha=1.5), dict(embed_kernel=4), dict(proxy_attn="x"),
-                dict(attn_condition="maybe"), dict(lam=0.3), dict(cut_graph="some"), dict(fg_rule="largest")):
+    for bad in (dict(cut_threshold="median"), dict(beta=1.5), dict(alpha=0.4), dict(embed_kernel=4),
+                dict(proxy_attn="x"), dict(attn_condition="maybe"), dict(lam=0.3), dict(cut_graph="some"),
+                dict(fg_rule="largest")):
         with pytest.raises(RfclipError):
             build_method("rfclip", **bad)
     # combinations that would silently undo or ignore each other: one-line errors at construction
@@ -572,8 +603,8 @@ def test_options_are_validated():
         assert "\n" not in str(err.value)
     build_method("rfclip", suppress_mode="mean", embed_redistribution=False)  # Table 4 (III)/(IV) stay possible
     build_method("rfclip", suppress_mode="mask", attn_redistribution=False)
-    m = build_method("rfclip", alpha="0.3", embed_redistribution="false", embed_kernel="5", tau="0.01")
-    assert (m.alpha, m.embed_redistribution, m.embed_kernel, m.tau) == (0.3, False, 5, 0.01)
+    m = build_method("rfclip", beta="0.3", embed_redistribution="false", embed_kernel="5", tau="0.01")
+    assert (m.beta, m.embed_redistribution, m.embed_kernel, m.tau) == (0.3, False, 5, 0.01)
     with pytest.raises(RfclipError):
         build_method("rfclip", attn_redistribution="sometimes")
     m = build_method("rfclip_nodefocus")

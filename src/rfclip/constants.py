@@ -35,7 +35,16 @@ DISTRACTION_DIMS = {
     ("ViT-L-14", "openai"): (250, 261, 437, 650, 720, 779, 936, 1005),
 }
 RF_TAU_MULT = 5.0  # tau = 5 / d, Fig. 6(a): best on all 8 benchmarks
-RF_ALPHA = 0.4  # attenuation: fraction of distraction attention moved; Fig. 6(b) optimum lost, code keeps 0.6
+# Attenuation factor beta of eq. 9-12: the fraction of each row's attention to distraction tokens that is moved to
+# the defocused tokens. 0.7: the paper's value (its attenuation-factor analysis, Fig. 6(b); equations recovered in
+# spec rf-clip.md section 10). 0.4: the released code's (unused) refocus routine, which keeps 0.6 of sink columns.
+RF_BETA = 0.7
+RF_BETA_CODE = 0.4
+# Embedding redistribution, eq. 13: f_i[j] = 1/8 sum_{i' in O_i} f_i'[j], the 8 neighbours of the 3x3 window,
+# centre excluded; the paper does not say how the grid border is handled (here: the in-grid neighbours).
+RF_EMBED_EXCLUDE_CENTER = True
+# The released code's filter instead: all channels, zero-padded 3x3 mean / 9 (centre included), 0.6 x + 0.4 mean.
+RF_EMBED_BLEND_CODE = 0.4
 RF_EMBED_KERNEL = 3  # neighbourhood of embedding redistribution, Table 5 (3x3 best)
 RF_THETA_ATTN = 0.1  # ViT-L/14 attention condition (App. "Analysis in CLIP-L/14"); value from released code
 RF_CALIBRATE_TOPK = 8  # number of distraction dimensions per backbone (8 in both released lists)

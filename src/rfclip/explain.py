@@ -254,7 +254,7 @@ def explain(segmenter, image, classes=None, out_dir: str | os.PathLike = "rfclip
         "distraction_dims": dims,
         "dims_source": method._dims_source,
         "tau": tau,
-        "alpha": method.alpha,
+        "beta": method.beta,
         "layers": per_layer,
         "top_mean_weight_dims": [int(d) for d in order],
         "files": {k: v.name for k, v in files.items()},

@@ -104,7 +104,7 @@ def _field_type(f: dataclasses.Field) -> type | None:
 
 
 def coerce_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """Options given as strings (``--option alpha=0.3``) become the scalar type of ``cls``'s field.
+    """Options given as strings (``--option beta=0.3``) become the scalar type of ``cls``'s field.
 
     Booleans accept true/false/on/off/yes/no/1/0; ``None`` stays ``None``; other fields pass through unchanged.
     Raises ``ValueError`` naming the option when a value cannot be converted.

@@ -5,11 +5,14 @@ In every residual layer ``l`` (``rf_layers``, default all; Table 7) of the crop 
 
 1. **Distractor localization** (eq. 6) on the pre-LN input ``f_i = X^{l-1}[i]`` of every patch token:
    ``phi_i = max_{j in D_dis} w_i[j]`` with the min-shift channel weights ``w_i = (f_i - min f_i) / sum(...)``,
-   computed in fp32; ``T_dis = {i : phi_i > tau}``, ``tau = 5 / d``. On ViT-L/14 a token must also receive a large
+   computed in fp32; ``T_dis = {i : phi_i > tau}``, ``tau = 5 / d``. The paper divides by the raw signed channel
+   sum (``phi_norm="raw"``), which can be near zero or negative; min-shift (the released code's) is a deliberate
+   deviation. On ViT-L/14 a token must also receive a large
    share of this layer's attention (column mean of the head-averaged attention over patch rows > ``theta_a``).
-2. **Embedding redistribution** (eq. 13): the ``D_dis`` channels of the ``T_dis`` tokens are replaced by their
-   3x3 neighbourhood mean (valid neighbours, centre included, all from the pre-update tensor); nothing else
-   changes. The filtered stream is this layer's input from here on (its Q/K/V and residual).
+2. **Embedding redistribution** (eq. 13): the ``D_dis`` channels of the ``T_dis`` tokens are replaced by the
+   mean of their 8 neighbours (3x3 window, centre excluded; at the grid border the in-grid neighbours, which the
+   paper leaves open; all from the pre-update tensor); nothing else changes. The filtered stream is this layer's
+   input from here on (its Q/K/V and residual).
 3. **Defocus localization** (eq. 7-8): normalized cut of the patch graph ``W = sym(mean_{m<=l, h} KK_h^m)``
    (key-key softmax averaged over the layers so far and the heads) over all N patches, distraction tokens
    included (eq. 8); the Fiedler vector is split at its mean and the side holding fewer distraction tokens is the
@@ -17,15 +20,17 @@ In every residual layer ``l`` (``rf_layers``, default all; Table 7) of the crop 
    non-distraction tokens); ``T_def = foreground \\ T_dis``. Where the graph is degenerate (eigengap below
    ``eigengap_tol``) or the foreground has no non-distraction token, ``T_def`` = all non-distraction tokens.
 4. **Attention redistribution** (eq. 9-12), per head on the patch x patch block of this layer's query-key
-   attention: distraction columns shrink by ``(1 - alpha)``; each row's freed budget goes to its ``T_def``
-   columns in proportion to their original weights. Rows keep their sums; the [CLS] row and column are untouched.
+   attention: distraction columns shrink by ``(1 - beta)`` (``beta = 0.7``, the paper's value); each row's freed
+   budget goes to its ``T_def`` columns in proportion to their original weights. Rows keep their sums; the [CLS]
+   row and column are untouched.
 
 The last layer (eq. 14) attends with the key-key attention averaged over all layers (per head), without residual
 and FFN. Steps 3-4 are skipped (SDPA is used) in layers where no crop of the batch has a distraction token.
 
 Ablations of the paper map to options (see the class docstring); presets are registered as their own method
 names: ``rfclip_nodefocus`` (Table 4 (VI) / Table 6 row 2), ``kk_proxy_baseline`` (Table 4 (I)),
-``rfclip_code_embed`` (the released code's embedding filter).
+``rfclip_code_embed`` (the released code's embedding filter), ``rfclip_code_constants`` (the released code's
+``beta = 0.4`` and a 3x3 mean with the centre, where the paper's equations say 0.7 and the 8 neighbours).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..constants import (RF_ALPHA, RF_ATTN_CONDITION_GEOMETRY, RF_CUT_THRESHOLD, RF_DEFOCUS_SIM, RF_EIGENGAP_TOL,
+from ..constants import (RF_ATTN_CONDITION_GEOMETRY, RF_BETA, RF_BETA_CODE, RF_EMBED_BLEND_CODE,
+                         RF_EMBED_EXCLUDE_CENTER, RF_CUT_THRESHOLD, RF_DEFOCUS_SIM, RF_EIGENGAP_TOL,
                          RF_EMBED_KERNEL, RF_FIEDLER_RESIDUAL_TOL,
                          RF_LAYERS, RF_POWER_MAX_SQUARINGS, RF_PROXY_ATTN, RF_REDISTRIBUTE_TO, RF_TAU_MULT,
                          RF_THETA_ATTN)
@@ -108,12 +114,13 @@ class RFCLIP(Method):
         ``attn_rule`` = theta (column mean > theta_a) | five_over_n (> 5/N), ``random_tokens`` (Table 4 (II):
         a random set of the same size instead of T_dis), ``rf_layers`` = all (Table 7).
     Embedding redistribution (eq. 13)
-        ``embed_redistribution`` = True, ``embed_kernel`` = 3 (Table 5), ``embed_exclude_center`` = False,
+        ``embed_redistribution`` = True, ``embed_kernel`` = 3 (Table 5), ``embed_exclude_center`` = True (eq. 13),
         ``embed_channels`` = dis | all, ``embed_blend`` = 1.0, ``embed_padding`` = valid | zero,
         ``suppress_mode`` = none | mask | lowpass | mean | median (Table 1 strategies on T_dis).
     Attention redistribution (eq. 9-12)
-        ``attn_redistribution`` = True, ``alpha`` = 0.4 (fraction of the distraction attention moved; the paper's
-        attenuation factor), ``redistribute_to`` = defocused | non_distraction | cls (Table 6),
+        ``attn_redistribution`` = True, ``beta`` = 0.7 (the paper's attenuation factor: the fraction of the
+        distraction attention moved; the released code's 0.4 in ``rfclip_code_constants``),
+        ``redistribute_to`` = defocused | non_distraction | cls (Table 6),
         ``redistribute_cls_row`` = False.
     Defocus localization (eq. 7-8)
         ``defocus_sim`` = kk_avg | kk_cur | qk_cur | qk_avg (Table 5), ``defocus_sim_layers`` = upto_current |
@@ -155,14 +162,14 @@ class RFCLIP(Method):
     # embedding redistribution
     embed_redistribution: bool = True
     embed_kernel: int = RF_EMBED_KERNEL
-    embed_exclude_center: bool = False
+    embed_exclude_center: bool = RF_EMBED_EXCLUDE_CENTER
     embed_channels: str = "dis"
     embed_blend: float = 1.0
     embed_padding: str = "valid"
     suppress_mode: str = "none"
     # attention redistribution
     attn_redistribution: bool = True
-    alpha: float = RF_ALPHA
+    beta: float = RF_BETA
     redistribute_to: str = RF_REDISTRIBUTE_TO
     redistribute_cls_row: bool = False
     # defocus localization
@@ -203,8 +210,8 @@ class RFCLIP(Method):
         check_choice("proxy_layers", self.proxy_layers, PROXY_LAYERS)
         check_choice("proxy_heads", self.proxy_heads, PROXY_HEADS)
         self._attn_cond = parse_switch(self.attn_condition)
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1] (the fraction of distraction attention moved), got {self.alpha}")
+        if not 0.0 <= float(self.beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1] (the fraction of distraction attention moved), got {self.beta}")
         if not 0.0 < float(self.embed_blend) <= 1.0:
             raise ValueError(f"embed_blend must be in (0, 1], got {self.embed_blend}")
         if int(self.embed_kernel) < 1 or int(self.embed_kernel) % 2 == 0:
@@ -440,7 +447,7 @@ class RFCLIP(Method):
         dis = ctx.store["rfclip"].dis
         target = self._targets(ctx, layer, A, q, k, kk)
         with no_autocast(A.device):
-            return redistribute_attention(A, dis, target, float(self.alpha), to_cls=target is None,
+            return redistribute_attention(A, dis, target, float(self.beta), to_cls=target is None,
                                           cls_row=bool(self.redistribute_cls_row))
 
     def final_attention(self, ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor) -> FinalAttention:
@@ -514,10 +521,25 @@ class KKProxyBaseline(RFCLIP):
 @register_method
 @dataclasses.dataclass
 class RFCLIPCodeEmbed(RFCLIP):
-    """RF-CLIP with the released code's embedding filter: all channels, zero-padded 3x3 mean, blend 0.4."""
+    """RF-CLIP with the released code's embedding filter: all channels, zero-padded 3x3 mean / 9 with the centre,
+    blend 0.4."""
 
     name: ClassVar[str] = "rfclip_code_embed"
     description: ClassVar[str] = "RF-CLIP with the released code's embedding filter (all channels, 0.6 x + 0.4 mean)"
     embed_channels: str = "all"
     embed_padding: str = "zero"
-    embed_blend: float = 0.4
+    embed_exclude_center: bool = False
+    embed_blend: float = RF_EMBED_BLEND_CODE
+
+
+@register_method
+@dataclasses.dataclass
+class RFCLIPCodeConstants(RFCLIP):
+    """RF-CLIP with the released code's constants where the paper's equations differ: ``beta = 0.4`` (the code's
+    refocus routine keeps 0.6 of the sink columns) and the 3x3 mean with the centre (the code's filter) instead of
+    the paper's 0.7 and 8 neighbours (eq. 9-13). rfclip's defaults before they followed the paper."""
+
+    name: ClassVar[str] = "rfclip_code_constants"
+    description: ClassVar[str] = "RF-CLIP with the released code's beta = 0.4 and a 3x3 mean with the centre"
+    beta: float = RF_BETA_CODE
+    embed_exclude_center: bool = False
