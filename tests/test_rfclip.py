@@ -23,6 +23,7 @@ from rfclip.methods.defocus import (bipartition, defocused_tokens, fiedler_vecto
 from rfclip.methods.options import parse_layers
 from rfclip.methods.refocus import distraction_scores, embed_redistribute, redistribute_attention
 from rfclip.methods.rfclip import RFCLIP
+from rfclip.testing import plant_distraction_tokens
 
 TINY_DIMS = (5, 20, 41)
 
@@ -507,6 +508,35 @@ def test_rf_steps_off_equals_kk_layer_average(tiny_clip, images):
     assert torch.equal(got2, want)
 
 
+def test_kk_proxy_baseline_default_against_open_clip(tiny_clip, images):
+    """RF-CLIP's default last layer and its baseline (Table 4 (I)), recomputed from open_clip's own blocks: the mean
+    over all L layers of softmax(s k k^T) (each layer's keys from its real input), per head, sliced to the patch
+    block without renormalising, applied to the patch values; no residual, no FFN; ln_post and proj."""
+    visual = tiny_clip.model.visual
+    blocks = visual.transformer.resblocks
+    x = visual._embeds(images)  # (B, T, C): open_clip's patch + class + positional embedding and ln_pre
+    maps = []
+    for i, block in enumerate(blocks):
+        z = block.ln_1(x)
+        q, k, v = torch.nn.functional.linear(z, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+        B, T, C = k.shape
+        heads = block.attn.num_heads
+        k, v = (t.reshape(B, T, heads, C // heads).transpose(1, 2) for t in (k, v))
+        maps.append(torch.softmax(k @ k.transpose(-1, -2) / (C // heads) ** 0.5, dim=-1))
+        if i < len(blocks) - 1:
+            x = block(x)
+    A = torch.stack(maps).mean(0)[:, :, 1:, 1:]  # (B, H, N, N), rows sum to less than 1
+    assert (A.sum(-1) < 1).all()
+    out = (A @ v[:, :, 1:]).transpose(1, 2).reshape(B, T - 1, C)
+    want = torch.nn.functional.normalize(visual.ln_post(blocks[-1].attn.out_proj(out)) @ visual.proj, dim=-1)
+    enc = DenseCLIP(visual)
+    with torch.inference_mode():
+        got, _ = enc(images, build_method("kk_proxy_baseline"))
+        rf, _ = enc(images, build_method("rfclip", distraction_dims=TINY_DIMS))  # no distraction token here
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert torch.equal(rf, got)
+
+
 def test_no_distraction_tokens_changes_nothing(tiny_clip, images):
     """A random CLIP has no token above tau = 5/d: RF-CLIP equals its baseline and records no redistribution."""
     enc = DenseCLIP(tiny_clip.model.visual)
@@ -534,41 +564,98 @@ def test_crops_in_a_batch_are_independent(tiny_clip, images):
         torch.testing.assert_close(single[0], batch[i], atol=2e-5, rtol=1e-4)
 
 
+# Each option set with what it must do relative to the default on the planted model: "same" (equal features: the
+# option cannot change anything there), "differs", or "dis" (it only changes T_dis: features equal iff T_dis is).
 OPTION_SETS = [
-    dict(),
-    dict(eig_solver="eigh"),
-    dict(cut_threshold="otsu", fg_rule="smaller_side"),
-    dict(fg_rule="less_attended", defocus_sim_heads="per_head"),
-    dict(defocus_sim="kk_cur"), dict(defocus_sim="qk_cur"), dict(defocus_sim="qk_avg"),
-    dict(defocus_sim_layers="preceding_only"), dict(defocus_sim="qk_avg", defocus_sim_layers="preceding_only"),
-    dict(redistribute_to="non_distraction"), dict(redistribute_to="cls"), dict(redistribute_cls_row=True),
-    dict(embed_kernel=5, embed_exclude_center=True), dict(embed_channels="all", embed_blend=0.4, embed_padding="zero"),
-    dict(suppress_mode="mask", attn_redistribution=False), dict(suppress_mode="lowpass", embed_redistribution=False),
-    dict(suppress_mode="mean", embed_redistribution=False),
-    dict(suppress_mode="median", attn_redistribution=False, embed_redistribution=False),
-    dict(random_tokens=True), dict(phi_norm="abs"), dict(attn_condition="on", theta_a=0.0),
-    dict(attn_condition="on", attn_rule="five_over_n"), dict(rf_layers="1-2"),
-    dict(proxy_attn="kk_last"), dict(proxy_attn="qq_last"), dict(proxy_attn="qq_plus_kk_last"),
-    dict(proxy_attn="qk_last"), dict(proxy_layers="intermediate"), dict(proxy_heads="head_mean"),
-    dict(proxy_renorm=True), dict(redistribute_proxy=True), dict(beta=1.0),
+    (dict(eig_solver="eigh"), "same"),  # both solvers agree on these graphs (large eigengaps)
+    (dict(attn_condition="on", theta_a=0.0), "same"),  # every token passes a zero attention threshold
+    (dict(cut_threshold="otsu", fg_rule="smaller_side"), "differs"),
+    (dict(fg_rule="less_attended", defocus_sim_heads="per_head"), "differs"),
+    (dict(fg_rule="max_abs"), "differs"), (dict(cut_graph="non_distraction"), "differs"),
+    (dict(defocus_sim="kk_cur"), "differs"), (dict(defocus_sim="qk_cur"), "differs"),
+    (dict(defocus_sim="qk_avg"), "differs"), (dict(defocus_sim_layers="preceding_only"), "differs"),
+    (dict(defocus_sim="qk_avg", defocus_sim_layers="preceding_only"), "differs"),
+    (dict(redistribute_to="non_distraction"), "differs"), (dict(redistribute_to="cls"), "differs"),
+    (dict(redistribute_cls_row=True), "differs"),
+    (dict(embed_kernel=5, embed_exclude_center=False), "differs"),
+    (dict(embed_channels="all", embed_blend=0.4, embed_padding="zero"), "differs"),
+    (dict(suppress_mode="mask", attn_redistribution=False), "differs"),
+    (dict(suppress_mode="lowpass", embed_redistribution=False), "differs"),
+    (dict(suppress_mode="mean", embed_redistribution=False), "differs"),
+    (dict(suppress_mode="median", attn_redistribution=False, embed_redistribution=False), "differs"),
+    (dict(random_tokens=True), "differs"), (dict(phi_norm="abs"), "dis"), (dict(phi_norm="raw"), "dis"),
+    (dict(attn_condition="on", attn_rule="five_over_n"), "dis"), (dict(rf_layers="1-2"), "differs"),
+    (dict(proxy_attn="kk_last"), "differs"), (dict(proxy_attn="qq_last"), "differs"),
+    (dict(proxy_attn="qq_plus_kk_last"), "differs"), (dict(proxy_attn="qk_last"), "differs"),
+    (dict(proxy_layers="intermediate"), "differs"), (dict(proxy_heads="head_mean"), "differs"),
+    (dict(proxy_renorm=True), "differs"), (dict(proxy_include_cls=True), "differs"),
+    (dict(redistribute_proxy=True), "differs"), (dict(beta=1.0), "differs"), (dict(beta=0.0), "differs"),
 ]
+PLANTED = [3, 4, 60, 100, 150]
 
 
-def test_every_option_runs(tiny_clip):
-    """Every option on a small grid (7 x 7) with a lowered threshold so that each layer has distraction tokens."""
-    enc = DenseCLIP(tiny_clip.model.visual)
-    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+@pytest.fixture(scope="module")
+def planted_tiny(tiny_clip):
+    """The tiny model with PLANTED as distraction tokens in every layer (rfclip.testing)."""
+    return DenseCLIP(plant_distraction_tokens(tiny_clip, PLANTED, TINY_DIMS).model.visual)
+
+
+def run_recorded(enc, x, **options):
     rec: dict = {}
-    base, _ = enc(x, build_method("rfclip", distraction_dims=TINY_DIMS, tau_mult=1.5), record=rec)
-    assert sum(bool(v[0].any()) for k, v in rec.items() if k.endswith(".dis")) >= 2
-    for opts in OPTION_SETS:
-        feats, grid = enc(x, build_method("rfclip", distraction_dims=TINY_DIMS, tau_mult=1.5, **opts))
-        assert grid == (7, 7) and feats.shape == base.shape, opts
+    with torch.inference_mode():
+        feats, grid = enc(x, build_method("rfclip", distraction_dims=TINY_DIMS, **options), record=rec)
+    return feats, grid, rec
+
+
+def check_record(rec, num_layers, opts):
+    """Invariants every recorded layer must satisfy, whatever the options."""
+    for layer in range(num_layers):
+        dis = rec.get(f"rf.L{layer}.dis")
+        after = rec.get(f"rf.L{layer}.attn_after")
+        if after is not None:  # rows stay row-stochastic and non-negative after the redistribution (or the mask)
+            after = after[0]
+            torch.testing.assert_close(after.sum(-1), torch.ones(after.shape[:-1]), atol=1e-5, rtol=0,
+                                       msg=f"{opts} L{layer}")
+            assert after.min() >= 0, (opts, layer)
+            if opts.get("suppress_mode") == "mask":  # masked distraction columns receive nothing
+                d = dis[0].bool()
+                assert after[:, 1:, 1:].transpose(1, 2)[d].abs().max() == 0, (opts, layer)
+        defocused = rec.get(f"rf.L{layer}.def")
+        if defocused is not None:
+            d = dis[0].bool()
+            t = defocused[0]
+            t = t.bool() if t.dim() == 2 else (t > 0)  # per-head graphs log the share of heads
+            assert not (t & d).any() and t.any(-1).all(), (opts, layer)
+
+
+def test_every_option_runs_and_does_what_it_says(planted_tiny):
+    """Every option on the tiny model with distraction tokens planted in every layer: finite features; recorded
+    attention rows still sum to 1 and T_def avoids T_dis; each option either provably leaves the output unchanged
+    or changes it (an option that silently does nothing fails here)."""
+    enc = planted_tiny
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    base, _, rec = run_recorded(enc, x)
+    for layer in range(enc.num_layers):  # the default finds exactly the planted tokens and redistributes
+        dis = rec[f"rf.L{layer}.dis"][0]
+        assert dis[:, PLANTED].all() and int(dis.sum()) == 2 * len(PLANTED), layer
+        if layer < enc.num_layers - 1:
+            assert f"rf.L{layer}.attn_after" in rec and f"rf.L{layer}.def" in rec
+    check_record(rec, enc.num_layers, {})
+    base_dis = [rec[f"rf.L{layer}.dis"][0] for layer in range(enc.num_layers)]
+    for opts, expect in OPTION_SETS:
+        feats, grid, rec = run_recorded(enc, x, **opts)
+        assert grid == (14, 14) and feats.shape == base.shape, opts
         assert torch.isfinite(feats).all(), opts
-        torch.testing.assert_close(feats.norm(dim=-1), torch.ones(feats.shape[:2]), msg=str(opts))
-    for name in ("rfclip_nodefocus", "rfclip_code_embed"):
-        feats, _ = enc(x, build_method(name, distraction_dims=TINY_DIMS, tau_mult=1.5))
-        assert torch.isfinite(feats).all()
+        check_record(rec, enc.num_layers, opts)
+        same = torch.allclose(feats, base, atol=1e-5, rtol=0)
+        if expect == "dis":
+            expect = "same" if all(torch.equal(rec[f"rf.L{layer}.dis"][0], base_dis[layer])
+                                   for layer in range(enc.num_layers)) else "differs"
+        assert same == (expect == "same"), f"{opts}: expected the output to be {expect}"
+    for name in ("rfclip_nodefocus", "rfclip_code_embed", "rfclip_code_constants"):
+        with torch.inference_mode():
+            feats, _ = enc(x, build_method(name, distraction_dims=TINY_DIMS))
+        assert torch.isfinite(feats).all() and not torch.allclose(feats, base, atol=1e-5, rtol=0), name
 
 
 def test_attention_condition_filters(tiny_clip, images):
