@@ -251,7 +251,7 @@ def test_fiedler_power_converges_on_small_gap_graphs():
     for solver in ("power", "eigh"):
         fied = fiedler_vector(W.float(), solver)
         # The residual the solver reports, and recomputed independently in fp64 from y.
-        assert (fied.residual <= 2e-6).all(), fied.residual
+        assert (fied.residual <= 1e-6).all(), fied.residual
         z = fied.y.double() / dinv
         z = z / z.norm(dim=-1, keepdim=True)
         Mz = (M @ z.unsqueeze(-1)).squeeze(-1)
