@@ -7,8 +7,8 @@ In every residual layer ``l`` (``rf_layers``, default all; Table 7) of the crop 
    ``phi_i = max_{j in D_dis} w_i[j]`` with the min-shift channel weights ``w_i = (f_i - min f_i) / sum(...)``,
    computed in fp32; ``T_dis = {i : phi_i > tau}``, ``tau = 5 / d``. The paper divides by the raw signed channel
    sum (``phi_norm="raw"``), which can be near zero or negative; min-shift (the released code's) is a deliberate
-   deviation. On ViT-L/14 a token must also receive a large
-   share of this layer's attention (column mean of the head-averaged attention over patch rows > ``theta_a``).
+   deviation. On ViT-L/14 a token must also receive a large share of this layer's attention (column mean of the
+   head-averaged attention over patch rows > ``theta_a``).
 2. **Embedding redistribution** (eq. 13): the ``D_dis`` channels of the ``T_dis`` tokens are replaced by the
    mean of their 8 neighbours (3x3 window, centre excluded; at the grid border the in-grid neighbours, which the
    paper leaves open; all from the pre-update tensor); nothing else changes. The filtered stream is this layer's
@@ -41,11 +41,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..constants import (RF_ATTN_CONDITION_GEOMETRY, RF_BETA, RF_BETA_CODE, RF_EMBED_BLEND_CODE,
-                         RF_EMBED_EXCLUDE_CENTER, RF_CUT_THRESHOLD, RF_DEFOCUS_SIM, RF_EIGENGAP_TOL,
-                         RF_EMBED_KERNEL, RF_FIEDLER_RESIDUAL_TOL,
-                         RF_LAYERS, RF_POWER_MAX_SQUARINGS, RF_PROXY_ATTN, RF_REDISTRIBUTE_TO, RF_TAU_MULT,
-                         RF_THETA_ATTN)
+from ..constants import (RF_ATTN_CONDITION_GEOMETRY, RF_BETA, RF_BETA_CODE, RF_CUT_THRESHOLD, RF_DEFOCUS_SIM,
+                         RF_EIGENGAP_TOL, RF_EMBED_BLEND_CODE, RF_EMBED_EXCLUDE_CENTER, RF_EMBED_KERNEL,
+                         RF_FIEDLER_RESIDUAL_TOL, RF_LAYERS, RF_POWER_MAX_SQUARINGS, RF_PROXY_ATTN,
+                         RF_REDISTRIBUTE_TO, RF_TAU_MULT, RF_THETA_ATTN)
 from ..dense import FinalAttention, ForwardContext, softmax_attention
 from ..errors import RfclipError
 from .base import Method, register_method
@@ -109,10 +108,10 @@ class RFCLIP(Method):
     Distractor localization
         ``distraction_dims`` (None: built-in for OpenAI ViT-B/16, ViT-L/14; else ``dims_file`` or the calibration
         cache), ``dims_file``, ``tau_mult`` = 5 (tau = tau_mult / d, Fig. 6(a)), ``tau`` (absolute, overrides),
-        ``phi_norm`` = minshift | abs | raw, ``attn_condition`` = auto (on for the ViT-L/14 geometry: 24 layers,
-        width 1024, patch 14) | on | off, ``theta_a`` = 0.1,
-        ``attn_rule`` = theta (column mean > theta_a) | five_over_n (> 5/N), ``random_tokens`` (Table 4 (II):
-        a random set of the same size instead of T_dis), ``rf_layers`` = all (Table 7).
+        ``phi_norm`` = minshift | abs | raw (the paper's eq. 6), ``attn_condition`` = auto (on for the ViT-L/14
+        geometry: 24 layers, width 1024, patch 14) | on | off, ``theta_a`` = 0.1, ``attn_rule`` = theta (column
+        mean > theta_a) | five_over_n (> 5/N), ``random_tokens`` (Table 4 (II): a random set of the same size
+        instead of T_dis), ``rf_layers`` = all (Table 7; e.g. "0-5,9", checked against the model's layers).
     Embedding redistribution (eq. 13)
         ``embed_redistribution`` = True, ``embed_kernel`` = 3 (Table 5), ``embed_exclude_center`` = True (eq. 13),
         ``embed_channels`` = dis | all, ``embed_blend`` = 1.0, ``embed_padding`` = valid | zero,
