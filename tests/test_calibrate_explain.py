@@ -114,7 +114,7 @@ def test_explain_writes_readable_images(tiny_clip, tmp_path):
     assert [e["layer"] for e in summary["layers"]] == [0, 1]
     assert summary["layers"][0]["distraction"] == 4 and summary["layers"][0]["redistributed"]
     before, after = summary["layers"][0]["query_attention_on_distraction"]
-    assert after == pytest.approx(0.6 * before, rel=1e-3)
+    assert after == pytest.approx((1 - seg.method.beta) * before, rel=1e-3)  # beta = 0.7 (paper)
     assert summary["query_patch"] == [60 // 16, 100 // 16]
     with pytest.raises(RfclipError, match="outside"):
         explain(seg, image, None, tmp_path / "ex2", query_point=(500, 10))

@@ -317,8 +317,8 @@ def test_parse_value(text, value):
 
 
 def test_parse_options():
-    assert parse_options(["alpha=0.4", "distraction-dims=4,162", "name=x=y"]) == {
-        "alpha": 0.4, "distraction_dims": [4, 162], "name": "x=y"}
+    assert parse_options(["beta=0.4", "distraction-dims=4,162", "name=x=y"]) == {
+        "beta": 0.4, "distraction_dims": [4, 162], "name": "x=y"}
 
 
 def test_registry_skips_only_missing_subcommand_modules(monkeypatch):
@@ -381,6 +381,6 @@ def test_inference_flags_reach_the_segmenter_options():
     from rfclip.cli.common import segmenter_options
 
     args = build_parser().parse_args(["segment", "a.jpg", "--classes", "a;b", "--out", "o", "--compile",
-                                      "--precision", "bf16", "--batch-size", "8", "--option", "alpha=0.5"])
-    assert segmenter_options(args) == {"compile": True, "precision": "bf16", "batch_size": 8, "alpha": 0.5}
+                                      "--precision", "bf16", "--batch-size", "8", "--option", "beta=0.5"])
+    assert segmenter_options(args) == {"compile": True, "precision": "bf16", "batch_size": 8, "beta": 0.5}
     assert segmenter_options(build_parser().parse_args(["segment", "a.jpg", "--classes", "a", "--out", "o"])) == {}

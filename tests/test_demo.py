@@ -86,8 +86,8 @@ def test_method_switch_reuses_the_loaded_model(engine):
     assert c.config.pamr and not a.config.pamr and a.config.short_side == 224
     assert engine.segmenter("naclip", settings()).method is a.method  # built once per method and options
     # Page options go to the methods that take them; a name no method takes is an error.
-    assert engine.segmenter("rfclip", settings(options=DIMS + " alpha=0.6")).method.alpha == 0.6
-    assert engine.segmenter("naclip", settings(options=DIMS + " alpha=0.6")).method_name == "naclip"
+    assert engine.segmenter("rfclip", settings(options=DIMS + " beta=0.6")).method.beta == 0.6
+    assert engine.segmenter("naclip", settings(options=DIMS + " beta=0.6")).method_name == "naclip"
     with pytest.raises(RfclipError, match="unknown method option.*alpah"):
         engine.segmenter("rfclip", settings(options="alpah=0.6"))
 
@@ -157,7 +157,7 @@ def test_bad_input_is_one_clear_message(engine, images, case, expected):
 
 def test_look_inside_bad_input(engine, images):
     photo = str(images / "photo.png")
-    with pytest.raises(RfclipError, match="bad layers 'x'"):
+    with pytest.raises(RfclipError, match="layers: cannot read 'x'"):
         engine.look_inside(photo, None, "rfclip", "x", settings(options=DIMS))
     with pytest.raises(RfclipError, match="out of range"):
         engine.look_inside(photo, None, "rfclip", "7", settings(options=DIMS))

@@ -313,7 +313,7 @@ def test_cli_eval_all_two_of_eight(data, tmp_path, capsys):
 def _fake_result(name: str, miou: float, model: str, pamr: bool) -> dict:
     return {"miou": miou, "aacc": 90.0, "num_images": 10, "images_per_s": 2.0, "split": "val", "limit": None,
             "model": {"name": model, "pretrained": "openai", "source": "open_clip:openai"}, "method": "rfclip",
-            "method_options": {"alpha": 0.4}, "preset": "default", "precision": "float32", "device": "cpu",
+            "method_options": {"beta": 0.7}, "preset": "default", "precision": "float32", "device": "cpu",
             "world_size": 1, "overrides": {},
             "settings": {"short_side": 336, "slide_crop": 224, "slide_stride": 112, "logit_scale": 40.0,
                          "prob_thd": 0.1, "area_thd": None, "pamr": pamr}}

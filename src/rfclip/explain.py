@@ -168,7 +168,7 @@ def explain_figures(segmenter, image, classes=None, query_point: tuple[float, fl
     mean_weight = embedding_weights(profile[0]).mean(0).cpu().numpy()
 
     L = encoder.num_layers
-    chosen = sorted(parse_layers(layers, L))
+    chosen = sorted(parse_layers(layers, L, name="layers"))
     dims = list(method._dims or [])
     tau = method.threshold(encoder.width) if method.detects else None
 
@@ -267,7 +267,7 @@ def explain_figures(segmenter, image, classes=None, query_point: tuple[float, fl
         "distraction_dims": dims,
         "dims_source": method._dims_source,
         "tau": tau,
-        "alpha": method.alpha,
+        "beta": method.beta,
         "layers": per_layer,
         "top_mean_weight_dims": [int(d) for d in order],
     }

@@ -76,7 +76,7 @@ class Segmenter:
     ``.safetensors``, Hugging Face folder); ``quick_gelu`` forces the activation (default: decided by where the
     weights come from; OpenAI weights use QuickGELU). ``method`` is a registered method name, optionally with plugins
     (``"naclip+fsa"``). Keyword ``options`` go to :class:`rfclip.inference.InferenceConfig` (``slide_crop``,
-    ``pamr``, ``prob_thd``, ...) or to the method (e.g. RF-CLIP's ``alpha``); unknown names are an error.
+    ``pamr``, ``prob_thd``, ...) or to the method (e.g. RF-CLIP's ``beta``); unknown names are an error.
     """
 
     def __init__(self, model="ViT-B-16", pretrained: str | None = "openai", method: str = DEFAULT_METHOD,

@@ -205,7 +205,7 @@ def parse_value(text: str) -> Any:
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["alpha=0.4", "distraction_dims=4,162"]`` -> ``{"alpha": 0.4, "distraction_dims": [4, 162]}``."""
+    """``["beta=0.4", "distraction_dims=4,162"]`` -> ``{"beta": 0.4, "distraction_dims": [4, 162]}``."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

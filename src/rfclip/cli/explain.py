@@ -18,7 +18,7 @@ EXAMPLES = """\
 examples:
   rfclip explain examples/street.jpg --classes "road;car;tree;sky" --out explain/
   rfclip explain photo.jpg --query 120,80 --layers 4-11 --out explain/
-  rfclip explain photo.jpg --checkpoint ViT-B-16.pt --option alpha=0.6 --out explain/
+  rfclip explain photo.jpg --checkpoint ViT-B-16.pt --option beta=0.4 --out explain/
 """
 
 

@@ -39,6 +39,8 @@ examples:
   rfclip segment img.png --classes "person;background" --checkpoint ViT-B-16.pt --device cpu --out out/
   rfclip segment img.png --classes-file classes.txt --method naclip+fsa --out out/
   rfclip segment img.png --classes "sky;sea" --method naclip --option gaussian_std=3 --out out/
+  rfclip segment img.png --classes "road;car;sky" --option beta=0.4 --option fg_rule=max_abs --out out/
+  (RF-CLIP's options and presets: README, section "RF-CLIP in rfclip")
 """
 
 

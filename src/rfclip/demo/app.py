@@ -234,7 +234,7 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                         slide_stride = gr.Number(value=initial("slide_stride", 112), precision=0, minimum=1,
                                                  label="Stride (px)")
                     options = gr.Textbox(value=settings.options, label="Method options", elem_id="options",
-                                         placeholder="alpha=0.6 gaussian_std=3",
+                                         placeholder="beta=0.6 gaussian_std=3",
                                          info="KEY=VALUE items, as --option on the command line; each method takes "
                                               "the ones it knows")
             # ---------------------------------------------------------------- the three views

@@ -121,7 +121,7 @@ def read_image(path: str | os.PathLike | None, max_megapixels: float = MAX_MEGAP
 
 
 def parse_option_text(text: str | None) -> dict:
-    """The page's "method options" field, ``"alpha=0.6 distraction_dims=4,162"`` (items separated by spaces or
+    """The page's "method options" field, ``"beta=0.6 distraction_dims=4,162"`` (items separated by spaces or
     ``;``), as ``--option`` items."""
     from ..cli.common import parse_options
 
@@ -156,12 +156,10 @@ class Settings:
 
 
 def parse_layers_text(text: str | None, num_layers: int):
-    from ..methods.rfclip import parse_layers
+    """The page's "layers to draw" field -> sorted 0-based layers (one-line errors as ``explain --layers``)."""
+    from ..methods.options import parse_layers
 
-    try:
-        return sorted(parse_layers(text, num_layers))
-    except ValueError:
-        raise RfclipError(f"bad layers '{text}'; give 0-based layers such as 0-5,11, or all") from None
+    return sorted(parse_layers(text, num_layers, name="layers"))
 
 
 # ---------------------------------------------------------------------------------------------- results

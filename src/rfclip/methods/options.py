@@ -4,36 +4,63 @@ command line coerced to the type of their dataclass field."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from ..errors import RfclipError
 
 
-def parse_layers(spec, num_layers: int) -> frozenset[int]:
-    """``None``/``"all"`` -> every layer; ``"0-5,9"``, ``[0, 1, -1]`` (0-based; negatives count from the end)."""
+_LAYER_ITEM = re.compile(r"^(-?\d+)(?:-(-?\d+))?$")
+_LAYER_HELP = "write 0-based layers and ranges like 0-5,9 (negative: from the end, -1 = last) or all"
+
+
+def layer_spec(spec, name: str = "rf_layers") -> tuple[tuple[int, int], ...] | None:
+    """The syntax of a layer list, checked without knowing the model: ``None`` for all layers, else inclusive
+    ``(first, last)`` ranges (negative indices count from the end). Raises a one-line :class:`RfclipError`.
+
+    ``None``/``"all"``/``""`` -> all; ``"0-5,9"``, ``"-3--1"``, ``7``, ``[0, 1, -1]``.
+    """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
-        return frozenset(range(num_layers))
+        return None
+    if isinstance(spec, bool):
+        raise RfclipError(f"{name}: cannot read {spec!r}; {_LAYER_HELP}")
+    if isinstance(spec, int):
+        return ((spec, spec),)
+    if isinstance(spec, (list, tuple)) and not any(isinstance(i, bool) for i in spec):
+        spec = ",".join(str(i) for i in spec)  # [0, 1, -1], or ["0-5", 9] from the command line's 0-5,9
     if isinstance(spec, str):
-        items: list = []
-        for part in spec.replace(";", ",").split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0],
-                                                                             part[1:].split("-", 1)[1])
-                items.extend(range(int(a) % num_layers, int(b) % num_layers + 1))
-            else:
-                items.append(int(part))
-    elif isinstance(spec, int):
-        items = [spec]
-    else:
-        items = [int(i) for i in spec]
-    out = set()
-    for i in items:
-        if not -num_layers <= i < num_layers:
-            raise RfclipError(f"rf_layers: layer {i} out of range for a {num_layers}-layer model (0-based)")
-        out.add(i % num_layers)
+        parts = [p.strip() for p in spec.replace(";", ",").split(",") if p.strip()]
+        ranges = []
+        for part in parts:
+            m = _LAYER_ITEM.match(part.replace(" ", ""))
+            if m is None:
+                raise RfclipError(f"{name}: cannot read {part!r} in {spec!r}; {_LAYER_HELP}")
+            a = int(m.group(1))
+            b = a if m.group(2) is None else int(m.group(2))
+            if (a >= 0) == (b >= 0) and a > b:
+                raise RfclipError(f"{name}: the range {part} is empty (first > last); write {b}-{a}")
+            ranges.append((a, b))
+        return tuple(ranges)
+    raise RfclipError(f"{name}: cannot read {spec!r}; {_LAYER_HELP}")
+
+
+def parse_layers(spec, num_layers: int, name: str = "rf_layers") -> frozenset[int]:
+    """The 0-based layer set of ``spec`` (see :func:`layer_spec`) on a ``num_layers``-layer model. A layer out of
+    range or a range that is empty once negative indices are resolved is a one-line :class:`RfclipError`."""
+    ranges = layer_spec(spec, name)
+    if ranges is None:
+        return frozenset(range(num_layers))
+    out: set[int] = set()
+    for a, b in ranges:
+        for i in (a, b):
+            if not -num_layers <= i < num_layers:
+                raise RfclipError(f"{name}: layer {i} out of range for a {num_layers}-layer model "
+                                  f"(0..{num_layers - 1}, or -{num_layers}..-1 from the end)")
+        first, last = a % num_layers, b % num_layers
+        if first > last:
+            raise RfclipError(f"{name}: the range {a}-{b} is empty on a {num_layers}-layer model (layers "
+                              f"{first}..{last}); write the first layer first")
+        out.update(range(first, last + 1))
     return frozenset(out)
 
 
@@ -77,7 +104,7 @@ def _field_type(f: dataclasses.Field) -> type | None:
 
 
 def coerce_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """Options given as strings (``--option alpha=0.3``) become the scalar type of ``cls``'s field.
+    """Options given as strings (``--option beta=0.3``) become the scalar type of ``cls``'s field.
 
     Booleans accept true/false/on/off/yes/no/1/0; ``None`` stays ``None``; other fields pass through unchanged.
     Raises ``ValueError`` naming the option when a value cannot be converted.

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..constants import PROXY_BETA, PROXY_GAMMA
-from ..dense import FinalAttention, ForwardContext
+from ..dense import FinalAttention, ForwardContext, no_autocast
 from .base import Method, register_method
 
 
@@ -30,14 +30,15 @@ def proxy_attention(features: Tensor, beta: float = PROXY_BETA, gamma: float = P
     weight 0 (strict ``<``: zeros are kept). The diagonal is never pruned: the reference keeps it anyway unless
     μ > 1/β (a nearly uniform crop), where its rows would be all −inf and give NaN; here they keep the patch itself.
     """
-    g = F.normalize(features.float(), dim=-1)
-    sim = torch.matmul(g, g.transpose(-1, -2))  # (B, N, N)
-    mu = sim.mean(dim=(-2, -1), keepdim=True)
-    logits = gamma * (sim - beta * mu)
-    pruned = logits < 0
-    pruned.diagonal(dim1=-2, dim2=-1).fill_(False)
-    logits = logits.masked_fill(pruned, float("-inf"))
-    return logits.softmax(dim=-1).unsqueeze(1)
+    with no_autocast(features.device):  # fp32 similarities also under autocast (the pruning compares them to mu)
+        g = F.normalize(features.float(), dim=-1)
+        sim = torch.matmul(g, g.transpose(-1, -2))  # (B, N, N)
+        mu = sim.mean(dim=(-2, -1), keepdim=True)
+        logits = gamma * (sim - beta * mu)
+        pruned = logits < 0
+        pruned.diagonal(dim1=-2, dim2=-1).fill_(False)
+        logits = logits.masked_fill(pruned, float("-inf"))
+        return logits.softmax(dim=-1).unsqueeze(1)
 
 
 def upsample_values(values: Tensor, grid: tuple[int, int], size: tuple[int, int], has_cls: bool = True) -> Tensor:

@@ -3,7 +3,7 @@
 * distractor localization, eq. 6: :func:`channel_weights`, :func:`distraction_scores`;
 * embedding redistribution, eq. 13: :func:`neighbourhood_mean`, :func:`embed_redistribute` (and the Table 1
   alternatives :func:`neighbourhood_median`, :func:`lowpass_clamp`);
-* attention redistribution, eq. 9-12: :func:`redistribute_attention`;
+* attention redistribution, eq. 9-12 (attenuation factor ``beta``): :func:`redistribute_attention`;
 * the Table 4 (II) control :func:`random_like_count`.
 
 Defocus localization (eq. 7-8, the normalized cut) lives in :mod:`rfclip.methods.defocus`.
@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..dense import no_autocast
 
 PHI_NORMS = ("minshift", "abs", "raw")
 EMBED_PADDINGS = ("valid", "zero")
@@ -141,32 +143,35 @@ def lowpass_clamp(x: Tensor, dis: Tensor, dims: Tensor, tau: float, iterations: 
     return out
 
 
-def redistribute_attention(A: Tensor, dis: Tensor, target: Tensor | None, alpha: float, to_cls: bool = False,
+def redistribute_attention(A: Tensor, dis: Tensor, target: Tensor | None, beta: float, to_cls: bool = False,
                            cls_row: bool = False) -> Tensor:
-    """eq. 9-12 on attention weights ``A`` (B, H, 1+N, 1+N), row-stochastic, changed **in place** and returned.
+    """eq. 9-12 on attention weights ``A`` (B, H, 1+N, 1+N), row-stochastic. Computed in fp32 (also under
+    autocast); an fp32 ``A`` is changed **in place** and returned, any other dtype is copied to fp32 first.
 
     ``dis`` and ``target`` are (B, N) masks shared by the heads or (B, H, N) per head; ``T_def`` must not
     intersect ``T_dis``. For every patch query row ``r`` (and the [CLS] row when ``cls_row``):
-    ``A'[r, j] = (1 - alpha) A[r, j]`` for ``j`` in ``T_dis``; the budget ``alpha * sum_{T_dis} A[r, :]`` is added
+    ``A'[r, j] = (1 - beta) A[r, j]`` for ``j`` in ``T_dis``; the budget ``beta * sum_{T_dis} A[r, :]`` is added
     to the ``T_def`` columns in proportion to ``A[r, j]`` (``to_cls``: all of it to column 0). Row sums are kept;
     a row whose target weights are all zero is left unchanged, so is every crop with an empty ``T_dis`` or
     ``T_def``. Only patch columns shrink; the [CLS] column changes only with ``to_cls``.
     """
+    A = A.float()  # no copy when A is already fp32 (the maps of dense.softmax_attention are)
     r0 = 0 if cls_row else 1
     P = A[:, :, r0:, 1:]  # (B, H, R, N) view
     md = dis.float()
     md = md.unsqueeze(1) if md.dim() == 2 else md  # (B, 1|H, N)
-    dis_mass = torch.matmul(P, md.unsqueeze(-1))  # (B, H, R, 1)
-    if to_cls:
-        A[:, :, r0:, :1] += alpha * dis_mass
-        P.mul_(1.0 - alpha * md.unsqueeze(-2))
-        return A
-    mt = target.float()
-    mt = mt.unsqueeze(1) if mt.dim() == 2 else mt
-    tgt_mass = torch.matmul(P, mt.unsqueeze(-1))  # (B, H, R, 1)
+    with no_autocast(A.device):  # the masked sums in fp32 whatever the autocast state
+        dis_mass = torch.matmul(P, md.unsqueeze(-1))  # (B, H, R, 1)
+        if to_cls:
+            A[:, :, r0:, :1] += beta * dis_mass
+            P.mul_(1.0 - beta * md.unsqueeze(-2))
+            return A
+        mt = target.float()
+        mt = mt.unsqueeze(1) if mt.dim() == 2 else mt
+        tgt_mass = torch.matmul(P, mt.unsqueeze(-1))  # (B, H, R, 1)
     ok = (tgt_mass > 1e-30).float()
-    ratio = ok * alpha * dis_mass / tgt_mass.clamp_min(1e-30)  # (B, H, R, 1)
-    factor = 1.0 - (alpha * ok) * md.unsqueeze(-2) + ratio * mt.unsqueeze(-2)  # (B, H, R, N)
+    ratio = ok * beta * dis_mass / tgt_mass.clamp_min(1e-30)  # (B, H, R, 1)
+    factor = 1.0 - (beta * ok) * md.unsqueeze(-2) + ratio * mt.unsqueeze(-2)  # (B, H, R, N)
     P.mul_(factor)
     return A
 

@@ -5,24 +5,32 @@ In every residual layer ``l`` (``rf_layers``, default all; Table 7) of the crop 
 
 1. **Distractor localization** (eq. 6) on the pre-LN input ``f_i = X^{l-1}[i]`` of every patch token:
    ``phi_i = max_{j in D_dis} w_i[j]`` with the min-shift channel weights ``w_i = (f_i - min f_i) / sum(...)``,
-   computed in fp32; ``T_dis = {i : phi_i > tau}``, ``tau = 5 / d``. On ViT-L/14 a token must also receive a large
-   share of this layer's attention (column mean of the head-averaged attention over patch rows > ``theta_a``).
-2. **Embedding redistribution** (eq. 13): the ``D_dis`` channels of the ``T_dis`` tokens are replaced by their
-   3x3 neighbourhood mean (valid neighbours, centre included, all from the pre-update tensor); nothing else
-   changes. The filtered stream is this layer's input from here on (its Q/K/V and residual).
+   computed in fp32; ``T_dis = {i : phi_i > tau}``, ``tau = 5 / d``. The paper divides by the raw signed channel
+   sum (``phi_norm="raw"``), which can be near zero or negative; min-shift (the released code's) is a deliberate
+   deviation. On ViT-L/14 a token must also receive a large share of this layer's attention (column mean of the
+   head-averaged attention over patch rows > ``theta_a``).
+2. **Embedding redistribution** (eq. 13): the ``D_dis`` channels of the ``T_dis`` tokens are replaced by the
+   mean of their 8 neighbours (3x3 window, centre excluded; at the grid border the in-grid neighbours, which the
+   paper leaves open; all from the pre-update tensor); nothing else changes. The filtered stream is this layer's
+   input from here on (its Q/K/V and residual).
 3. **Defocus localization** (eq. 7-8): normalized cut of the patch graph ``W = sym(mean_{m<=l, h} KK_h^m)``
-   (key-key softmax averaged over the layers so far and the heads); the Fiedler vector is split at its mean
-   and the side holding its largest ``|y|`` is the foreground; ``T_def = foreground \\ T_dis``.
+   (key-key softmax averaged over the layers so far and the heads) over all N patches, distraction tokens
+   included (eq. 8); the Fiedler vector is split at its mean and the side holding fewer distraction tokens is the
+   foreground (the paper leaves the sign of ``y`` open; ties: the side of the largest ``|y|`` among the
+   non-distraction tokens); ``T_def = foreground \\ T_dis``. Where the graph is degenerate (eigengap below
+   ``eigengap_tol``) or the foreground has no non-distraction token, ``T_def`` = all non-distraction tokens.
 4. **Attention redistribution** (eq. 9-12), per head on the patch x patch block of this layer's query-key
-   attention: distraction columns shrink by ``(1 - alpha)``; each row's freed budget goes to its ``T_def``
-   columns in proportion to their original weights. Rows keep their sums; the [CLS] row and column are untouched.
+   attention: distraction columns shrink by ``(1 - beta)`` (``beta = 0.7``, the paper's value); each row's freed
+   budget goes to its ``T_def`` columns in proportion to their original weights. Rows keep their sums; the [CLS]
+   row and column are untouched.
 
 The last layer (eq. 14) attends with the key-key attention averaged over all layers (per head), without residual
 and FFN. Steps 3-4 are skipped (SDPA is used) in layers where no crop of the batch has a distraction token.
 
 Ablations of the paper map to options (see the class docstring); presets are registered as their own method
 names: ``rfclip_nodefocus`` (Table 4 (VI) / Table 6 row 2), ``kk_proxy_baseline`` (Table 4 (I)),
-``rfclip_code_embed`` (the released code's embedding filter).
+``rfclip_code_embed`` (the released code's embedding filter), ``rfclip_code_constants`` (the released code's
+``beta = 0.4`` and a 3x3 mean with the centre, where the paper's equations say 0.7 and the 8 neighbours).
 """
 
 from __future__ import annotations
@@ -33,14 +41,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..constants import (RF_ALPHA, RF_ATTN_CONDITION_MODELS, RF_CUT_THRESHOLD, RF_DEFOCUS_SIM, RF_EMBED_KERNEL,
-                         RF_LAYERS, RF_POWER_SQUARINGS, RF_PROXY_ATTN, RF_REDISTRIBUTE_TO, RF_TAU_MULT,
-                         RF_THETA_ATTN)
+from ..constants import (RF_ATTN_CONDITION_GEOMETRY, RF_BETA, RF_BETA_CODE, RF_CUT_THRESHOLD, RF_DEFOCUS_SIM,
+                         RF_EIGENGAP_TOL, RF_EMBED_BLEND_CODE, RF_EMBED_EXCLUDE_CENTER, RF_EMBED_KERNEL,
+                         RF_FIEDLER_RESIDUAL_TOL, RF_LAYERS, RF_POWER_MAX_SQUARINGS, RF_PROXY_ATTN,
+                         RF_REDISTRIBUTE_TO, RF_TAU_MULT, RF_THETA_ATTN)
 from ..dense import FinalAttention, ForwardContext, softmax_attention
 from ..errors import RfclipError
 from .base import Method, register_method
-from .defocus import CUT_THRESHOLDS, EIG_SOLVERS, FG_RULES, defocused_tokens, no_autocast, symmetrize
-from .options import check_choice, coerce_fields, parse_layers, parse_switch
+from .defocus import CUT_GRAPHS, CUT_THRESHOLDS, EIG_SOLVERS, FG_RULES, defocused_tokens, no_autocast, symmetrize
+from .options import check_choice, coerce_fields, layer_spec, parse_layers, parse_switch
 from .refocus import (EMBED_PADDINGS, PHI_NORMS, distraction_scores, embed_redistribute, lowpass_clamp,
                       random_like_count, redistribute_attention)
 
@@ -78,6 +87,7 @@ class RFState:
     """RF-CLIP's state within one forward (``ctx.store["rfclip"]``)."""
 
     layers: frozenset[int]  # layers whose input is checked for distraction tokens (rf_layers)
+    attn_condition: bool = False  # the ViT-L/14 attention condition is on
     dims: Tensor | None = None  # (k,) long distraction dims on the crops' device
     tau: float | None = None
     need_kk: bool = False  # keep the running key-key sum (last-layer proxy, or the kk_avg graph)
@@ -98,22 +108,28 @@ class RFCLIP(Method):
     Distractor localization
         ``distraction_dims`` (None: built-in for OpenAI ViT-B/16, ViT-L/14; else ``dims_file`` or the calibration
         cache), ``dims_file``, ``tau_mult`` = 5 (tau = tau_mult / d, Fig. 6(a)), ``tau`` (absolute, overrides),
-        ``phi_norm`` = minshift | abs | raw, ``attn_condition`` = auto (on for ViT-L/14) | on | off, ``theta_a`` = 0.1,
-        ``attn_rule`` = theta (column mean > theta_a) | five_over_n (> 5/N), ``random_tokens`` (Table 4 (II):
-        a random set of the same size instead of T_dis), ``rf_layers`` = all (Table 7).
+        ``phi_norm`` = minshift | abs | raw (the paper's eq. 6), ``attn_condition`` = auto (on for the ViT-L/14
+        geometry: 24 layers, width 1024, patch 14) | on | off, ``theta_a`` = 0.1, ``attn_rule`` = theta (column
+        mean > theta_a) | five_over_n (> 5/N), ``random_tokens`` (Table 4 (II): a random set of the same size
+        instead of T_dis), ``rf_layers`` = all (Table 7; e.g. "0-5,9", checked against the model's layers).
     Embedding redistribution (eq. 13)
-        ``embed_redistribution`` = True, ``embed_kernel`` = 3 (Table 5), ``embed_exclude_center`` = False,
+        ``embed_redistribution`` = True, ``embed_kernel`` = 3 (Table 5), ``embed_exclude_center`` = True (eq. 13),
         ``embed_channels`` = dis | all, ``embed_blend`` = 1.0, ``embed_padding`` = valid | zero,
         ``suppress_mode`` = none | mask | lowpass | mean | median (Table 1 strategies on T_dis).
     Attention redistribution (eq. 9-12)
-        ``attn_redistribution`` = True, ``alpha`` = 0.4 (fraction of the distraction attention moved; the paper's
-        attenuation factor), ``redistribute_to`` = defocused | non_distraction | cls (Table 6),
+        ``attn_redistribution`` = True, ``beta`` = 0.7 (the paper's attenuation factor: the fraction of the
+        distraction attention moved; the released code's 0.4 in ``rfclip_code_constants``),
+        ``redistribute_to`` = defocused | non_distraction | cls (Table 6),
         ``redistribute_cls_row`` = False.
     Defocus localization (eq. 7-8)
         ``defocus_sim`` = kk_avg | kk_cur | qk_cur | qk_avg (Table 5), ``defocus_sim_layers`` = upto_current |
         preceding_only, ``defocus_sim_heads`` = mean | per_head, ``cut_threshold`` = mean | otsu (Table 5),
-        ``fg_rule`` = max_abs | smaller_side | less_attended, ``eig_solver`` = power | eigh,
-        ``power_squarings`` = 10.
+        ``fg_rule`` = fewer_distraction (the side with fewer distraction tokens) | max_abs (TokenCut) |
+        smaller_side | less_attended, ``cut_graph`` = all (eq. 8) | non_distraction (the graph of the
+        non-distraction patches only), ``eig_solver`` = power | eigh,
+        ``power_max_squarings`` = 16, ``fiedler_tol`` = 1e-6 (residual stopping rule of the power solver; graphs
+        above it fall back to eigh), ``eigengap_tol`` = 1e-4 (graphs with a smaller eigengap are degenerate: no
+        graph-cut choice, every non-distraction token is defocused).
     Last layer (eq. 14)
         ``proxy_attn`` = kk_layer_avg | kk_last | qq_last | qq_plus_kk_last | qk_last (Table 7),
         ``proxy_layers`` = all | intermediate, ``proxy_heads`` = per_head | head_mean, ``proxy_include_cls`` =
@@ -145,14 +161,14 @@ class RFCLIP(Method):
     # embedding redistribution
     embed_redistribution: bool = True
     embed_kernel: int = RF_EMBED_KERNEL
-    embed_exclude_center: bool = False
+    embed_exclude_center: bool = RF_EMBED_EXCLUDE_CENTER
     embed_channels: str = "dis"
     embed_blend: float = 1.0
     embed_padding: str = "valid"
     suppress_mode: str = "none"
     # attention redistribution
     attn_redistribution: bool = True
-    alpha: float = RF_ALPHA
+    beta: float = RF_BETA
     redistribute_to: str = RF_REDISTRIBUTE_TO
     redistribute_cls_row: bool = False
     # defocus localization
@@ -160,9 +176,12 @@ class RFCLIP(Method):
     defocus_sim_layers: str = "upto_current"
     defocus_sim_heads: str = "mean"
     cut_threshold: str = RF_CUT_THRESHOLD
-    fg_rule: str = "max_abs"
+    fg_rule: str = "fewer_distraction"
+    cut_graph: str = "all"
     eig_solver: str = "power"
-    power_squarings: int = RF_POWER_SQUARINGS
+    power_max_squarings: int = RF_POWER_MAX_SQUARINGS
+    fiedler_tol: float = RF_FIEDLER_RESIDUAL_TOL
+    eigengap_tol: float = RF_EIGENGAP_TOL
     # last layer
     proxy_attn: str = RF_PROXY_ATTN
     proxy_layers: str = "all"
@@ -184,25 +203,46 @@ class RFCLIP(Method):
         check_choice("defocus_sim_heads", self.defocus_sim_heads, SIM_HEADS)
         check_choice("cut_threshold", self.cut_threshold, CUT_THRESHOLDS)
         check_choice("fg_rule", self.fg_rule, FG_RULES)
+        check_choice("cut_graph", self.cut_graph, CUT_GRAPHS)
         check_choice("eig_solver", self.eig_solver, EIG_SOLVERS)
         check_choice("proxy_attn", self.proxy_attn, PROXY_ATTNS)
         check_choice("proxy_layers", self.proxy_layers, PROXY_LAYERS)
         check_choice("proxy_heads", self.proxy_heads, PROXY_HEADS)
         self._attn_cond = parse_switch(self.attn_condition)
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1] (the fraction of distraction attention moved), got {self.alpha}")
+        if not 0.0 <= float(self.beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1] (the fraction of distraction attention moved), got {self.beta}")
         if not 0.0 < float(self.embed_blend) <= 1.0:
             raise ValueError(f"embed_blend must be in (0, 1], got {self.embed_blend}")
         if int(self.embed_kernel) < 1 or int(self.embed_kernel) % 2 == 0:
             raise ValueError(f"embed_kernel must be an odd positive size (3, 5, 7), got {self.embed_kernel}")
         if self.tau is None and float(self.tau_mult) <= 0:
             raise ValueError(f"tau_mult must be positive, got {self.tau_mult}")
-        if int(self.power_squarings) < 0:
-            raise ValueError(f"power_squarings must be >= 0, got {self.power_squarings}")
+        if int(self.power_max_squarings) < 0:
+            raise ValueError(f"power_max_squarings must be >= 0, got {self.power_max_squarings}")
+        if not float(self.fiedler_tol) > 0:
+            raise ValueError(f"fiedler_tol must be positive, got {self.fiedler_tol}")
+        if not float(self.eigengap_tol) >= 0:
+            raise ValueError(f"eigengap_tol must be >= 0, got {self.eigengap_tol}")
+        self._check_combinations()
         self._dims: tuple[int, ...] | None = None
         self._dims_source: str | None = None
-        self._model_name: str | None = None
+        layer_spec(self.rf_layers)  # syntax now; the range once the model is known (prepare / begin)
         self._dims_cache: dict[torch.device, Tensor] = {}
+
+    def _check_combinations(self) -> None:
+        """Options that would silently undo or ignore each other are errors."""
+        if self.suppress_mode in ("mean", "median", "lowpass") and self.embed_redistribution:
+            raise ValueError(f"suppress_mode={self.suppress_mode} replaces the embedding redistribution (Table 1); "
+                             "set embed_redistribution=false")
+        if self.suppress_mode == "mask" and (self.attn_redistribution or self.redistribute_proxy):
+            raise ValueError("suppress_mode=mask removes the attention to distraction tokens, which leaves none to "
+                             "redistribute; set attn_redistribution=false (and redistribute_proxy=false)")
+        if self.proxy_renorm and self.proxy_include_cls:
+            raise ValueError("proxy_renorm renormalises the patch block, proxy_include_cls keeps the whole (already "
+                             "row-stochastic) map; choose one")
+        if self.proxy_layers != "all" and self.proxy_attn != "kk_layer_avg":
+            raise ValueError(f"proxy_layers={self.proxy_layers} applies to proxy_attn=kk_layer_avg only, not "
+                             f"{self.proxy_attn}")
 
     # ------------------------------------------------------------------------------------------ setup
     @property
@@ -214,17 +254,22 @@ class RFCLIP(Method):
     def prepare(self, clip) -> None:
         from ..distraction_dims import resolve_distraction_dims
 
-        self._model_name = getattr(clip, "name", None)
-        width = int(clip.model.visual.transformer.width) if hasattr(clip.model.visual, "transformer") else None
+        transformer = getattr(clip.model.visual, "transformer", None)
+        width = int(transformer.width) if transformer is not None else None
+        if transformer is not None and hasattr(transformer, "resblocks"):
+            parse_layers(self.rf_layers, len(transformer.resblocks))
         if self.detects:
             self._dims, self._dims_source = resolve_distraction_dims(clip, self.distraction_dims, self.dims_file,
                                                                      width=width)
             self._dims_cache.clear()
 
-    def uses_attn_condition(self) -> bool:
+    def uses_attn_condition(self, encoder) -> bool:
+        """The ViT-L/14 attention condition: ``attn_condition`` on/off, or with ``auto`` from the encoder's geometry
+        (layers, width, patch size) of CLIP ViT-L/14, whatever the model is called or however it was built."""
         if self._attn_cond is not None:
             return self._attn_cond
-        return self._model_name in RF_ATTN_CONDITION_MODELS
+        geometry = (encoder.num_layers, encoder.width, encoder.patch_size[0])
+        return encoder.patch_size[0] == encoder.patch_size[1] and geometry in RF_ATTN_CONDITION_GEOMETRY
 
     def _resolve_dims_lazily(self, width: int) -> tuple[int, ...]:
         if self._dims is None:
@@ -257,6 +302,7 @@ class RFCLIP(Method):
         defocus_proxy = self.redistribute_proxy and self.redistribute_to == "defocused"
         st = RFState(
             layers=parse_layers(self.rf_layers, ctx.num_layers),
+            attn_condition=self.uses_attn_condition(ctx.encoder),
             need_kk=(self.proxy_attn == "kk_layer_avg" or ((defocus or defocus_proxy) and self.defocus_sim == "kk_avg")),
             need_qk=(defocus or defocus_proxy) and self.defocus_sim == "qk_avg",
         )
@@ -281,7 +327,7 @@ class RFCLIP(Method):
         if rec:
             ctx.log(f"rf.L{layer}.phi", phi)
             ctx.log(f"rf.L{layer}.phi_pass", dis)
-        if self.uses_attn_condition() and bool(dis.any()):
+        if st.attn_condition and bool(dis.any()):
             col = self._column_attention(ctx, layer, x)  # (B, N)
             thr = float(self.theta_a) if self.attn_rule == "theta" else 5.0 / col.shape[-1]
             dis = dis & (col > thr)
@@ -384,10 +430,14 @@ class RFCLIP(Method):
                 S = src[:, :, 1:, 1:].float() / n  # (B, H, N, N)
                 d = dis.unsqueeze(1)
                 col = A[:, :, 1:, 1:].mean(-2) if self.fg_rule == "less_attended" else None
-            target, y = defocused_tokens(symmetrize(S), d, self.cut_threshold, self.fg_rule, col,
-                                         self.eig_solver, int(self.power_squarings))
+            target, fied = defocused_tokens(symmetrize(S), d, self.cut_threshold, self.fg_rule, col,
+                                            self.eig_solver, cut_graph=self.cut_graph,
+                                            gap_tol=float(self.eigengap_tol),
+                                            max_squarings=int(self.power_max_squarings), tol=float(self.fiedler_tol))
         if ctx.record is not None:
+            y = fied.y
             ctx.log(f"rf.L{layer}.fiedler", y if y.dim() == 2 else y.mean(1))
+            ctx.log(f"rf.L{layer}.eigengap", fied.gap if fied.gap.dim() == 1 else fied.gap.amin(1))
             ctx.log(f"rf.L{layer}.def", target if target.dim() == 2 else target.float().mean(1))
         return target
 
@@ -396,7 +446,7 @@ class RFCLIP(Method):
         dis = ctx.store["rfclip"].dis
         target = self._targets(ctx, layer, A, q, k, kk)
         with no_autocast(A.device):
-            return redistribute_attention(A, dis, target, float(self.alpha), to_cls=target is None,
+            return redistribute_attention(A, dis, target, float(self.beta), to_cls=target is None,
                                           cls_row=bool(self.redistribute_cls_row))
 
     def final_attention(self, ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor) -> FinalAttention:
@@ -470,10 +520,25 @@ class KKProxyBaseline(RFCLIP):
 @register_method
 @dataclasses.dataclass
 class RFCLIPCodeEmbed(RFCLIP):
-    """RF-CLIP with the released code's embedding filter: all channels, zero-padded 3x3 mean, blend 0.4."""
+    """RF-CLIP with the released code's embedding filter: all channels, zero-padded 3x3 mean / 9 with the centre,
+    blend 0.4."""
 
     name: ClassVar[str] = "rfclip_code_embed"
     description: ClassVar[str] = "RF-CLIP with the released code's embedding filter (all channels, 0.6 x + 0.4 mean)"
     embed_channels: str = "all"
     embed_padding: str = "zero"
-    embed_blend: float = 0.4
+    embed_exclude_center: bool = False
+    embed_blend: float = RF_EMBED_BLEND_CODE
+
+
+@register_method
+@dataclasses.dataclass
+class RFCLIPCodeConstants(RFCLIP):
+    """RF-CLIP with the released code's constants where the paper's equations differ: ``beta = 0.4`` (the code's
+    refocus routine keeps 0.6 of the sink columns) and the 3x3 mean with the centre (the code's filter) instead of
+    the paper's 0.7 and 8 neighbours (eq. 9-13). rfclip's defaults before they followed the paper."""
+
+    name: ClassVar[str] = "rfclip_code_constants"
+    description: ClassVar[str] = "RF-CLIP with the released code's beta = 0.4 and a 3x3 mean with the centre"
+    beta: float = RF_BETA_CODE
+    embed_exclude_center: bool = False
