@@ -194,7 +194,8 @@ def test_vocabularies_and_method_lists():
         assert len(parse_classes(text)) == DATASETS[name].num_classes, label
     assert vocabulary_text("Cityscapes (19)").startswith("road; sidewalk; building")
     choices = method_choices()
-    assert {"rfclip", "naclip", "clip", "rfclip+fsa", "naclip+fsa"} <= set(choices)
+    assert {"rfclip", "naclip", "clip", "rfclip+fsa", "naclip+fsa", "rfclip_release"} <= set(choices)
+    assert "rfclip_release+fsa" not in choices  # fsa cannot wrap a method that computes its own last layer
 
 
 # ---------------------------------------------------------------------------------------------- page and command

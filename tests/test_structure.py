@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import rfclip
-from rfclip.methods import METHODS, build_method
+from rfclip.methods import METHODS, build_method, method_option_names
 from rfclip.methods.base import Method, register_method
 from rfclip.methods.options import coerce_options
 
@@ -81,6 +81,16 @@ def test_string_options_are_coerced_to_their_field_types():
         coerce_options(METHODS["rfclip"], {"attn_redistribution": "maybe"})
     # every method gets the coercion through build_method
     assert build_method("naclip", gaussian_std="2.5").gaussian_std == 2.5
+
+
+def test_every_listed_method_spec_builds():
+    from rfclip.methods import method_specs
+
+    specs = method_specs()
+    assert "naclip+fsa" in specs and "rfclip_release+fsa" not in specs
+    for spec in specs:
+        options = {"distraction_dims": [1, 2]} if "distraction_dims" in method_option_names(spec) else {}
+        build_method(spec, **options)
 
 
 def test_registering_a_taken_name_warns():

@@ -49,11 +49,10 @@ def _no_progress(fraction: float, text: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- choices
 def method_choices() -> list[str]:
-    """Every registered method, then each with the FSA plug-in (``naclip+fsa``)."""
-    from ..methods import METHODS, PLUGINS
+    """Every registered method, then each with every plug-in that can wrap it (``naclip+fsa``)."""
+    from ..methods import method_specs
 
-    names = sorted(METHODS)
-    return names + [f"{m}+{p}" for p in sorted(PLUGINS) for m in names]
+    return method_specs()
 
 
 def inside_choices() -> list[str]:

@@ -1,11 +1,12 @@
 """Segmentation methods, registered by name. Each is a short set of hooks on :mod:`rfclip.dense`."""
 
-from .base import METHODS, PLUGINS, Method, build_method, method_option_names, parse_method_spec, register_method, register_plugin
+from .base import (METHODS, PLUGINS, Method, build_method, method_option_names, method_specs, parse_method_spec,
+                   register_method, register_plugin)
 from . import clip, clearclip, naclip, sclip  # noqa: F401  (registration)
 from . import proxyclip  # noqa: F401  (registration)
 from . import fsa  # noqa: F401  (registration of the +fsa plug-in)
 from . import rfclip  # noqa: F401  (registration of rfclip and its presets)
 from . import rfclip_release  # noqa: F401  (registration of rfclip_release)
 
-__all__ = ["METHODS", "PLUGINS", "Method", "build_method", "method_option_names", "parse_method_spec",
+__all__ = ["METHODS", "PLUGINS", "Method", "build_method", "method_option_names", "method_specs", "parse_method_spec",
            "register_method", "register_plugin"]

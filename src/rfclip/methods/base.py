@@ -81,6 +81,18 @@ def register_plugin(name: str):
     return wrap
 
 
+def plugin_accepts(plugin: str, base_cls: type[Method]) -> bool:
+    """Whether plug-in ``plugin`` can wrap methods of class ``base_cls`` (its factory's ``accepts``, default yes)."""
+    accepts = getattr(PLUGINS[plugin], "accepts", None)
+    return True if accepts is None else bool(accepts(base_cls))
+
+
+def method_specs() -> list[str]:
+    """Every method name, then every ``method+plugin`` combination that can be built (``naclip+fsa``)."""
+    names = sorted(METHODS)
+    return names + [f"{m}+{p}" for p in sorted(PLUGINS) for m in names if plugin_accepts(p, METHODS[m])]
+
+
 def _option_names(cls) -> set[str]:
     """A method's option names: its dataclass fields (a plugin's ``base`` field is the wrapped method, not an option)."""
     if not dataclasses.is_dataclass(cls):

@@ -213,7 +213,7 @@ class FSA(Method):
     def __post_init__(self) -> None:
         if not isinstance(self.base, Method):
             raise TypeError(f"FSA wraps a Method, got {type(self.base).__name__}")
-        if type(self.base).final_tokens is not Method.final_tokens:
+        if not self.accepts(type(self.base)):
             raise RfclipError(f"the fsa plug-in changes the last block's attention, but {self.base.name} computes its "
                               "last layer itself (no single attention map); use fsa with another method")
         if self.fsa_lambda is not None:
@@ -222,6 +222,11 @@ class FSA(Method):
                 raise ValueError(f"fsa_lambda must be a finite number >= 0, got {self.fsa_lambda}")
             self.fsa_lambda = lam
         self._lambda: float | None = None
+
+    @staticmethod
+    def accepts(base_cls: type) -> bool:
+        """FSA replaces the last block's attention map: a base that computes its last layer itself has none."""
+        return getattr(base_cls, "final_tokens", Method.final_tokens) is Method.final_tokens
 
     # --- identity of the wrapped method
     @property
