@@ -40,19 +40,10 @@ def random_checkpoint(path: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     from rfclip.models.loading import random_clip
+    from rfclip.testing import plant_distraction_tokens
 
-    clip = random_clip("ViT-B-16", seed=seed)
+    clip = plant_distraction_tokens(random_clip("ViT-B-16", seed=seed), [r * 14 + c for r, c in PLANTED], DIMS)
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in clip.model.state_dict().items()}
-    dim = DIMS[1]
-    for r, c in PLANTED:
-        sd["visual.positional_embedding"][1 + r * 14 + c, dim] += 300.0
-    for layer in range(12):
-        pre = f"visual.transformer.resblocks.{layer}.mlp"
-        sd[f"{pre}.c_fc.weight"][0].zero_()
-        sd[f"{pre}.c_fc.weight"][0, dim] = 5.0
-        sd[f"{pre}.c_fc.bias"][0] = -40.0
-        sd[f"{pre}.c_proj.weight"][:, 0].zero_()
-        sd[f"{pre}.c_proj.weight"][dim, 0] = 10.0
     save_file(sd, str(path))
     return path
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rfclip.constants import DISTRACTION_DIMS
 
@@ -52,22 +53,16 @@ pytestmark = pytest.mark.skipif(_missing() is not None, reason=f"browser test ne
 
 # ---------------------------------------------------------------------------------------------- files
 def planted_vitb16_checkpoint(path: Path) -> Path:
+    """A random ViT-B/16 image tower (1-layer text tower) with distraction tokens planted in every layer, saved as
+    fp16 safetensors in open_clip's layout."""
     from safetensors.torch import save_file
-    from test_cli import VIT_B16_IMAGE_TINY_TEXT, random_state_dict
+    from test_cli import VIT_B16_IMAGE_TINY_TEXT
 
-    sd = random_state_dict(VIT_B16_IMAGE_TINY_TEXT)
-    dim = DIMS[1]
-    pos = sd["visual.positional_embedding"]
-    for r, c in PLANTED:
-        pos[1 + r * 14 + c, dim] += 300.0
-    for layer in range(12):  # one MLP unit per block that fires only on tokens dominated by `dim`
-        pre = f"visual.transformer.resblocks.{layer}.mlp"
-        sd[f"{pre}.c_fc.weight"][0].zero_()
-        sd[f"{pre}.c_fc.weight"][0, dim] = 5.0
-        sd[f"{pre}.c_fc.bias"][0] = -40.0
-        sd[f"{pre}.c_proj.weight"][:, 0].zero_()
-        sd[f"{pre}.c_proj.weight"][dim, 0] = 10.0
-    save_file(sd, str(path))
+    from rfclip.models.loading import random_clip
+    from rfclip.testing import plant_distraction_tokens
+
+    clip = plant_distraction_tokens(random_clip(VIT_B16_IMAGE_TINY_TEXT), [r * 14 + c for r, c in PLANTED], DIMS)
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in clip.model.state_dict().items()}, str(path))
     return path
 
 

@@ -98,29 +98,6 @@ class ForwardContext:
         """``out_proj(concat_h(A_h V_h))`` of the last block, bias included. Returns (B, T', C)."""
         return self.encoder.attention_output(self.encoder.blocks[-1], weights, values)
 
-    def residual_block(self, block: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                       weights: Tensor | None = None) -> Tensor:
-        """The standard pre-LN block on x (B, T, C) given its q, k, v: ``x + ls_1(attn)``, then ``+ ls_2(FFN)``.
-        ``weights=None``: CLIP's own softmax attention (SDPA)."""
-        x = x + block.ls_1(self.attention_output(block, weights, v, q, k))
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-    def final_block(self, block: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, final: FinalAttention,
-                    grid: tuple[int, int]) -> FinalTokens:
-        """The last block as :class:`FinalAttention` describes it: its attention (and values), then the residual
-        and FFN or not. Returns the tokens split into patches and [CLS]."""
-        values = v if final.values is None else final.values
-        if final.keep_residual:
-            if final.values is not None and final.values.shape[2] != x.shape[1]:
-                raise ValueError("the residual can only be kept on the CLIP token grid")
-            y = self.residual_block(block, x, q, k, values, final.weights)
-        else:
-            y = block.ls_1(self.attention_output(block, final.weights, values, q, k))
-        grid = final.grid if final.grid is not None else grid
-        if final.has_cls:
-            return FinalTokens(patches=y[:, 1:], cls=y[:, 0], grid=grid)
-        return FinalTokens(patches=y, cls=None, grid=grid)
-
     def to_text_space(self, y: Tensor) -> Tensor:
         """``normalize(ln_post(y) @ proj)`` for tokens ``y`` (…, C) -> (…, D)."""
         return F.normalize(self.encoder.to_text_space(y), dim=-1)

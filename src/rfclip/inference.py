@@ -420,16 +420,10 @@ def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, c
     """Cosine logits per query for preprocessed images, averaged over sliding-window crops.
 
     ``images``: list of (3, H_i, W_i) normalised tensors. Crops of all images are grouped by shape and run
-            if padded != shape:
-                batch = F.pad(batch, (left, right, top, bottom))
-            with _amp(device, amp_dtype):
-                features, grid, cls = encoder(batch, method, text_features=text_features if needs_text else None)
-            if image_cls:
-                cls = torch.stack([image_cls[i] if i in image_cls else c for (i, _), c in zip(chunk, cls.float())])
-            if logits_hook is None:
-                logits = features.float() @ text_features.T  # (B, N, Q)
-            else:
-                logits = logits_hook(features.float(), cls, text_features)  # (B, N, Q)
+    ``batch_size`` at a time; ``pad_to`` > 0 zero-pads each crop to multiples of it (:func:`crop_padding`) and
+    cuts the padding off the upsampled logits. The method's ``logits`` hook turns each crop's features (and its
+    [CLS]: the crop's own, or with ``needs_image_cls`` the whole image's from :func:`image_cls_tokens` when the
+    image has several windows) into logits. Returns a list of (Q, H_i, W_i) fp32 tensors (before softmax).
     """
     device = images[0].device
     text_features = text.features.to(device=device, dtype=torch.float32)  # (Q, D)
