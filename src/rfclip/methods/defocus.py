@@ -97,7 +97,10 @@ def _normalized_affinity(W: Tensor, valid: Tensor | None = None) -> tuple[Tensor
 
 
 def _matvec(A: Tensor, x: Tensor) -> Tensor:
-    return torch.matmul(A, x.unsqueeze(-1)).squeeze(-1)
+    """``A x`` for symmetric ``A`` (G, N, N) and ``x`` (G, N), computed as the row-vector product ``x^T A``: on
+    CPU a batched (1, N) x (N, N) product is about 7x faster than (N, N) x (N, 1) (which falls back to a slow
+    batched gemv); every matrix the solver multiplies (M, S and the powers of S) is symmetric."""
+    return torch.matmul(x.unsqueeze(-2), A).squeeze(-2)
 
 
 def _unit(x: Tensor) -> Tensor:

@@ -161,18 +161,22 @@ def redistribute_attention(A: Tensor, dis: Tensor, target: Tensor | None, beta: 
     md = dis.float()
     md = md.unsqueeze(1) if md.dim() == 2 else md  # (B, 1|H, N)
     with no_autocast(A.device):  # the masked sums in fp32 whatever the autocast state
-        dis_mass = torch.matmul(P, md.unsqueeze(-1))  # (B, H, R, 1)
         if to_cls:
+            dis_mass = torch.matmul(P, md.unsqueeze(-1))  # (B, H, R, 1)
             A[:, :, r0:, :1] += beta * dis_mass
             P.mul_(1.0 - beta * md.unsqueeze(-2))
             return A
         mt = target.float()
-        mt = mt.unsqueeze(1) if mt.dim() == 2 else mt
-        tgt_mass = torch.matmul(P, mt.unsqueeze(-1))  # (B, H, R, 1)
-    ok = (tgt_mass > 1e-30).float()
-    ratio = ok * beta * dis_mass / tgt_mass.clamp_min(1e-30)  # (B, H, R, 1)
-    factor = 1.0 - (beta * ok) * md.unsqueeze(-2) + ratio * mt.unsqueeze(-2)  # (B, H, R, N)
-    P.mul_(factor)
+        mt = mt.unsqueeze(1) if mt.dim() == 2 else mt  # (B, 1|H, N)
+        masks = torch.stack(torch.broadcast_tensors(md, mt), dim=-1)  # (B, 1|H, N, 2): both sums in one product
+        mass = torch.matmul(P, masks)  # (B, H, R, 2)
+        dis_mass, tgt_mass = mass[..., :1], mass[..., 1:]
+        ok = (tgt_mass > 1e-30).float()
+        ratio = ok * beta * dis_mass / tgt_mass.clamp_min(1e-30)  # (B, H, R, 1)
+        # factor - 1 = -beta ok (x) md + ratio (x) mt: a rank-2 product, then P += P * (factor - 1) in place (one
+        # (B, H, R, N) temporary instead of the three a broadcast sum of the terms would allocate)
+        rows = torch.cat([-beta * ok, ratio], dim=-1)  # (B, H, R, 2), paired with masks (dis, target)
+        P.addcmul_(P, torch.matmul(rows, masks.transpose(-1, -2)))
     return A
 
 
