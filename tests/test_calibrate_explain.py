@@ -58,7 +58,7 @@ def test_calibrate_recovers_planted_dims_and_rfclip_picks_them_up(planted_clip, 
     assert "7" in result.summary()
     # RF-CLIP finds the saved file by the model identity.
     seg = Segmenter(planted_clip, method="rfclip", device="cpu", text_cache=False)
-    assert seg.method._dims == PLANTED and seg.method._dims_source == str(result.path)
+    assert seg.method.resolved_dims.values == PLANTED and seg.method.resolved_dims.source == str(result.path)
     # An unmodified model does not have these peaks.
     unplanted = copy.deepcopy(planted_clip)
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_calibrate_from_a_folder_and_dims_file(planted_clip, arrays, tmp_path):
     assert result.dims == PLANTED and result.num_images == 3 and result.num_tokens == 3 * 49
     assert load_dims_file(out, width=64) == PLANTED
     seg = Segmenter(planted_clip, method="rfclip", dims_file=str(out), device="cpu", text_cache=False)
-    assert seg.method._dims == PLANTED
+    assert seg.method.resolved_dims.values == PLANTED
     dims, src = resolve_distraction_dims(planted_clip, distraction_dims="3, 9")
     assert dims == (3, 9)
     with pytest.raises(RfclipError, match="out of range"):

@@ -409,7 +409,7 @@ def test_vitl14_geometry_builtin_dims():
     clip = dataclasses.replace(plant_distraction_tokens(make_clip(cfg), TOKENS, dims), name="ViT-L-14",
                                pretrained="openai")
     seg = Segmenter(clip, method="rfclip_release", **FAST)
-    assert seg.method._dims == dims
+    assert seg.method.resolved_dims.values == dims
     rec: dict = {}
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():

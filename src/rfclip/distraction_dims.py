@@ -126,3 +126,35 @@ def resolve_distraction_dims(clip, distraction_dims=None, dims_file=None, width:
         f"`{calibrate_command(clip)}` (a folder of ~100 or more natural images), or pass "
         f"--option distraction_dims=4,162,... / --option dims_file=FILE (Python: distraction_dims=[...])"
     )
+
+
+class ResolvedDims:
+    """The distraction dims one method instance uses, looked up once: from the model in the method's ``prepare``
+    (:func:`resolve_distraction_dims`), or, for a method built without a model (tests, direct use), from its
+    explicit ``distraction_dims`` / ``dims_file`` option on first use. Kept as a long tensor per device."""
+
+    def __init__(self, method_name: str):
+        self.method_name = method_name
+        self.values: tuple[int, ...] | None = None
+        self.source: str | None = None  # where the dims came from ("built-in (paper)", a file, the option)
+        self._tensors: dict = {}
+
+    def resolve(self, clip, distraction_dims=None, dims_file=None, width: int | None = None) -> None:
+        self.values, self.source = resolve_distraction_dims(clip, distraction_dims, dims_file, width=width)
+        self._tensors.clear()
+
+    def tensor(self, device, width: int, distraction_dims=None, dims_file=None):
+        """(k,) long tensor of the dims on ``device``, checked against the residual ``width``."""
+        import torch
+
+        if self.values is None:
+            if distraction_dims is None and dims_file is None:
+                raise RfclipError(f"{self.method_name} needs distraction dims: build it through Segmenter (which "
+                                  "looks them up) or pass distraction_dims=[...] / dims_file=FILE")
+            self.resolve(None, distraction_dims, dims_file, width)
+        if self.values[-1] >= width:
+            raise RfclipError(f"distraction dims {list(self.values)} out of range for a residual width of {width}")
+        t = self._tensors.get(device)
+        if t is None:
+            t = self._tensors[device] = torch.tensor(self.values, dtype=torch.long, device=device)
+        return t

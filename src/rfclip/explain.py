@@ -169,7 +169,7 @@ def explain_figures(segmenter, image, classes=None, query_point: tuple[float, fl
 
     L = encoder.num_layers
     chosen = sorted(parse_layers(layers, L, name="layers"))
-    dims = list(method._dims or [])
+    dims = list(method.resolved_dims.values or [])
     tau = method.threshold(encoder.width) if method.detects else None
 
     def get(key):
@@ -265,7 +265,7 @@ def explain_figures(segmenter, image, classes=None, query_point: tuple[float, fl
         "query_patch": [row, col],
         "method": getattr(segmenter, "method_name", method.name),
         "distraction_dims": dims,
-        "dims_source": method._dims_source,
+        "dims_source": method.resolved_dims.source,
         "tau": tau,
         "beta": method.beta,
         "layers": per_layer,

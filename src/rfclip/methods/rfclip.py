@@ -46,7 +46,7 @@ from ..constants import (RF_ATTN_CONDITION_GEOMETRY, RF_BETA, RF_BETA_CODE, RF_C
                          RF_FIEDLER_RESIDUAL_TOL, RF_LAYERS, RF_POWER_MAX_SQUARINGS, RF_PROXY_ATTN,
                          RF_REDISTRIBUTE_TO, RF_TAU_MULT, RF_THETA_ATTN)
 from ..dense import FinalAttention, ForwardContext, softmax_attention
-from ..errors import RfclipError
+from ..distraction_dims import ResolvedDims
 from .base import Method, register_method
 from .defocus import CUT_GRAPHS, CUT_THRESHOLDS, EIG_SOLVERS, FG_RULES, defocused_tokens, no_autocast, symmetrize
 from .options import check_choice, coerce_fields, layer_spec, parse_layers, parse_switch
@@ -224,10 +224,8 @@ class RFCLIP(Method):
         if not float(self.eigengap_tol) >= 0:
             raise ValueError(f"eigengap_tol must be >= 0, got {self.eigengap_tol}")
         self._check_combinations()
-        self._dims: tuple[int, ...] | None = None
-        self._dims_source: str | None = None
+        self.resolved_dims = ResolvedDims("RF-CLIP")
         layer_spec(self.rf_layers)  # syntax now; the range once the model is known (prepare / begin)
-        self._dims_cache: dict[torch.device, Tensor] = {}
 
     def _check_combinations(self) -> None:
         """Options that would silently undo or ignore each other are errors."""
@@ -252,16 +250,12 @@ class RFCLIP(Method):
                     or self.redistribute_proxy)
 
     def prepare(self, clip) -> None:
-        from ..distraction_dims import resolve_distraction_dims
-
         transformer = getattr(clip.model.visual, "transformer", None)
         width = int(transformer.width) if transformer is not None else None
         if transformer is not None and hasattr(transformer, "resblocks"):
             parse_layers(self.rf_layers, len(transformer.resblocks))
         if self.detects:
-            self._dims, self._dims_source = resolve_distraction_dims(clip, self.distraction_dims, self.dims_file,
-                                                                     width=width)
-            self._dims_cache.clear()
+            self.resolved_dims.resolve(clip, self.distraction_dims, self.dims_file, width=width)
 
     def uses_attn_condition(self, encoder) -> bool:
         """The ViT-L/14 attention condition: ``attn_condition`` on/off, or with ``auto`` from the encoder's geometry
@@ -271,27 +265,8 @@ class RFCLIP(Method):
         geometry = (encoder.num_layers, encoder.width, encoder.patch_size[0])
         return encoder.patch_size[0] == encoder.patch_size[1] and geometry in RF_ATTN_CONDITION_GEOMETRY
 
-    def _resolve_dims_lazily(self, width: int) -> tuple[int, ...]:
-        if self._dims is None:
-            if self.distraction_dims is None and self.dims_file is None:
-                raise RfclipError("RF-CLIP needs distraction dims: build it through Segmenter (which looks them up) "
-                                  "or pass distraction_dims=[...] / dims_file=FILE")
-            from ..distraction_dims import check_dims, load_dims_file
-
-            if self.distraction_dims is not None:
-                self._dims, self._dims_source = check_dims(self.distraction_dims, width), "distraction_dims option"
-            else:
-                self._dims, self._dims_source = load_dims_file(self.dims_file, width), str(self.dims_file)
-        if self._dims[-1] >= width:
-            raise RfclipError(f"distraction dims {list(self._dims)} out of range for a residual width of {width}")
-        return self._dims
-
     def dims_tensor(self, device: torch.device, width: int) -> Tensor:
-        t = self._dims_cache.get(device)
-        if t is None:
-            t = torch.tensor(self._resolve_dims_lazily(width), dtype=torch.long, device=device)
-            self._dims_cache[device] = t
-        return t
+        return self.resolved_dims.tensor(device, width, self.distraction_dims, self.dims_file)
 
     def threshold(self, width: int) -> float:
         return float(self.tau) if self.tau is not None else float(self.tau_mult) / width
@@ -360,19 +335,28 @@ class RFCLIP(Method):
     def attention(self, ctx: ForwardContext, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         st: RFState = ctx.store["rfclip"]
         rec = ctx.record is not None
-        kk = None
-        if st.need_kk:
-            kk = softmax_attention(k, k, ctx.scale)  # (B, H, T, T) fp32
-            st.kk.add(kk, own=True)
         active = (st.dis_any and layer in st.layers
                   and (self.attn_redistribution or self.suppress_mode == "mask"))
-        if not active and not st.need_qk and not rec:
+        explicit = active or st.need_qk or rec  # this layer needs its query-key map A itself
+        masked = active and self.suppress_mode == "mask"
+        kk = A = None
+        if st.need_kk and explicit and not masked:
+            # q-k and k-k maps from one product (B, H, 2T, T): one GEMM over twice the rows instead of two
+            T = q.shape[2]
+            both = softmax_attention(torch.cat([q, k], dim=2), k, ctx.scale)
+            A, kk = both[:, :, :T], both[:, :, T:]  # (B, H, T, T) fp32 each, disjoint views
+            st.kk.add(kk, own=True)  # A is changed in place below, never kk
+        elif st.need_kk:
+            kk = softmax_attention(k, k, ctx.scale)  # (B, H, T, T) fp32
+            st.kk.add(kk, own=True)
+        if not explicit:
             return None
-        bias = None
-        if active and self.suppress_mode == "mask":
-            bias = torch.zeros(st.dis.shape[0], 1, 1, q.shape[2], device=q.device)
-            bias[:, 0, 0, 1:].masked_fill_(st.dis, float("-inf"))
-        A = softmax_attention(q, k, ctx.scale, bias=bias)  # (B, H, T, T) fp32
+        if A is None:
+            bias = None
+            if masked:
+                bias = torch.zeros(st.dis.shape[0], 1, 1, q.shape[2], device=q.device)
+                bias[:, 0, 0, 1:].masked_fill_(st.dis, float("-inf"))
+            A = softmax_attention(q, k, ctx.scale, bias=bias)  # (B, H, T, T) fp32
         if st.need_qk:
             st.qk.add(A)
         if rec:

@@ -38,7 +38,7 @@ from ..constants import (RELEASE_EMBED_BLEND, RELEASE_EMBED_KERNEL, RELEASE_EMBE
                          RELEASE_FIRST_FILTERED_LAYER, RELEASE_GSW, RELEASE_H_THRESHOLD, RELEASE_MVW,
                          RELEASE_PHI_NORM, RELEASE_TAU_MULT, RELEASE_TOPK_PATCHES)
 from ..dense import FinalTokens, ForwardContext, softmax_attention
-from ..errors import RfclipError
+from ..distraction_dims import ResolvedDims
 from .base import Method, register_method
 from .cass import blend_global_logits, complete_linkage_clusters, cluster_members, cosine_distances, nudge_cluster_text
 from .defocus import no_autocast
@@ -128,8 +128,7 @@ class RFCLIPRelease(Method):
             raise ValueError(f"h_threshold must be >= 0 (a cosine distance), got {self.h_threshold}")
         if not -1.0 <= float(self.enhance_threshold) <= 1.0:
             raise ValueError(f"enhance_threshold must be in [-1, 1] (a cosine similarity), got {self.enhance_threshold}")
-        self._dims: tuple[int, ...] | None = None
-        self._dims_cache: dict[torch.device, Tensor] = {}
+        self.resolved_dims = ResolvedDims("rfclip_release")
         self._clusters: dict[tuple, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------ setup
@@ -138,29 +137,11 @@ class RFCLIPRelease(Method):
         return self.cls_source == "image"
 
     def prepare(self, clip) -> None:
-        from ..distraction_dims import resolve_distraction_dims
-
         width = int(clip.model.visual.transformer.width) if hasattr(clip.model.visual, "transformer") else None
-        self._dims, _ = resolve_distraction_dims(clip, self.distraction_dims, self.dims_file, width=width)
-        self._dims_cache.clear()
+        self.resolved_dims.resolve(clip, self.distraction_dims, self.dims_file, width=width)
 
     def dims_tensor(self, device: torch.device, width: int) -> Tensor:
-        if self._dims is None:  # built without a model (tests, direct use): the explicit dims or file
-            from ..distraction_dims import check_dims, load_dims_file
-
-            if self.distraction_dims is not None:
-                self._dims = check_dims(self.distraction_dims, width)
-            elif self.dims_file is not None:
-                self._dims = load_dims_file(self.dims_file, width)
-            else:
-                raise RfclipError("rfclip_release needs distraction dims: build it through Segmenter (which looks "
-                                  "them up) or pass distraction_dims=[...] / dims_file=FILE")
-        if max(self._dims) >= width:
-            raise RfclipError(f"distraction dims {list(self._dims)} out of range for a residual width of {width}")
-        t = self._dims_cache.get(device)
-        if t is None:
-            t = self._dims_cache[device] = torch.tensor(self._dims, dtype=torch.long, device=device)
-        return t
+        return self.resolved_dims.tensor(device, width, self.distraction_dims, self.dims_file)
 
     # ------------------------------------------------------------------------------------------ forward hooks
     def begin(self, ctx: ForwardContext) -> None:
