@@ -12,8 +12,8 @@ import torch
 from .dense import DenseCLIP
 from .devices import resolve_device
 from .errors import RfclipError
-from .inference import (InferenceConfig, autocast_dtype, check_pixel_stats, dense_logits, pad_to_patch,
-                        padding_multiple, postprocess, preprocess, read_image)
+from .inference import (InferenceConfig, autocast_dtype, check_pixel_stats, crops_per_forward, dense_logits,
+                        pad_to_patch, padding_multiple, postprocess, preprocess, read_image)
 from .methods import build_method, method_option_names
 from .text import ClassSpec, TextClassifier, TextQueries
 
@@ -191,7 +191,7 @@ class Segmenter:
         inputs = [preprocess(img, cfg.short_side, self.device, cfg.pixel_mean, cfg.pixel_std) for img in images]
         padded = [pad_to_patch(x, self.encoder.patch_size) for x in inputs]  # sides below one patch
         logits = dense_logits(self.forward_encoder(), self.method, padded, text, cfg.slide_crop, cfg.slide_stride,
-                              cfg.batch_size, self.amp_dtype,
+                              crops_per_forward(cfg.batch_size, self.device), self.amp_dtype,
                               pad_to=padding_multiple(cfg.pad_crops_to, self.encoder.patch_size[0]))
         logits = [lg[:, :x.shape[-2], :x.shape[-1]] for lg, x in zip(logits, inputs)]  # padding cut off
         del padded

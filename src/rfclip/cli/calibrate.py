@@ -56,9 +56,10 @@ def run(args) -> int:
             print(f"\rcalibrating: {done}/{total} images", end="" if done < total else "\n", file=sys.stderr)
 
     from ..models.loading import load_clip
-    from ..devices import resolve_device
+    from ..devices import resolve_device, reuse_cpu_memory_from_env
 
     device = resolve_device(args.device)
+    reuse_cpu_memory_from_env(device)
     clip = load_clip(args.model, args.pretrained, checkpoint=args.checkpoint, device=device, quick_gelu=args.quick_gelu)
     result = calibrate(clip, args.images, topk=args.topk, device=device, image_size=args.image_size, batch_size=args.batch_size,
                        max_images=args.max_images, out_file=args.out, precision=args.precision, progress=progress)

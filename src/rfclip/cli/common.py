@@ -155,7 +155,7 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
                             "size) and ProxyCLIP (56) do (default: 0 = off; the eval presets set it); the image "
                             "normalisation is --option pixel_mean=R,G,B / pixel_std=R,G,B (0-255 scale)")
     group.add_argument("--batch-size", type=_positive_int, metavar="N",
-                       help="crops per forward pass; lower it if memory runs out (default: 64)")
+                       help="crops per forward pass; lower it if memory runs out (default: 64 on a GPU, 8 on CPU)")
     group.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                        help="compute precision (default: auto = bf16/fp16 on CUDA, fp32 on CPU; fp32 for "
                             "rfclip_release)")
@@ -309,11 +309,14 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def build_segmenter(args: argparse.Namespace, **overrides):
     """A Segmenter from the shared options (model, method, plugins, device, inference settings, --option)."""
+    from ..devices import reuse_cpu_memory_from_env
     from ..segmenter import Segmenter
 
     check_checkpoint_path(args.checkpoint)
     options = segmenter_options(args)
     options.update(overrides)
-    return Segmenter(args.model, args.pretrained, method=args.method, plugins=tuple(args.plugin or ()),
-                     checkpoint=args.checkpoint, device=args.device, quick_gelu=getattr(args, "quick_gelu", None),
-                     **options)
+    seg = Segmenter(args.model, args.pretrained, method=args.method, plugins=tuple(args.plugin or ()),
+                    checkpoint=args.checkpoint, device=args.device, quick_gelu=getattr(args, "quick_gelu", None),
+                    **options)
+    reuse_cpu_memory_from_env(seg.device)  # the command line owns its process: keep large CPU buffers for reuse
+    return seg

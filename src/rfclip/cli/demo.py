@@ -105,6 +105,7 @@ def run(args) -> int:
     from ..demo.engine import DemoEngine, ModelInfo, Settings, all_method_options
     from ..inference import InferenceConfig
     from ..methods import method_option_names
+    from ..devices import reuse_cpu_memory_from_env
     from ..segmenter import Segmenter
 
     # Everything typed is checked before the model loads.
@@ -127,6 +128,7 @@ def run(args) -> int:
     try:
         base = Segmenter(args.model, args.pretrained, method="clip", checkpoint=args.checkpoint, device=args.device,
                          quick_gelu=args.quick_gelu, **config)
+        reuse_cpu_memory_from_env(base.device)  # the demo owns its process: keep large CPU buffers for reuse
     except WeightsNotFoundError as err:  # offline without weights: the page explains how to start with --checkpoint
         base, unavailable = None, " ".join(str(err).split())
         print(f"rfclip demo: no model loaded: {unavailable}", file=sys.stderr, flush=True)
