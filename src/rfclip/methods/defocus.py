@@ -151,8 +151,9 @@ def _power_solve(M: Tensor, u1: Tensor, min_squarings: int, max_squarings: int, 
     first_check = max(0, min(int(min_squarings), int(max_squarings)))
     for k in range(int(max_squarings) + 1):
         if k > 0:
-            P = symmetrize(torch.matmul(P, P))
-            P = P / P.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[:, None, None]
+            P2 = torch.matmul(P, P)
+            trace = P2.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)  # = trace of its symmetric part
+            P = (P2 + P2.transpose(-1, -2)).mul_((0.5 / trace)[:, None, None])  # symmetrized, trace 1, one temporary
         if k < first_check:
             continue
         z, mu, res, gap = _read_power(P, S, Ma, ua, k)
