@@ -120,8 +120,9 @@ def _add_eval_options(p: argparse.ArgumentParser, presets) -> None:
                    help="per-dataset settings of a paper's protocol (default: default, the common SCLIP/NACLIP "
                         "protocol; see below); the inference flags below override it")
     g.add_argument("--limit", type=common._positive_int, metavar="N", help="evaluate only the first N images")
-    g.add_argument("--num-workers", type=common._non_negative_int, default=4, metavar="N",
-                   help="processes decoding images (default: 4; 0 = none)")
+    g.add_argument("--num-workers", type=common._non_negative_int, default=None, metavar="N",
+                   help="processes decoding images (default: 4 on a GPU, 0 = none on CPU, where the model already "
+                        "uses every core)")
     common.add_images_per_batch_option(g)
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no table; print only the summary")
     common.add_model_options(p)
