@@ -5,6 +5,7 @@
 >>> out = seg.segment("street.jpg", "road;car;tree;sky")   # out.mask (H, W), out.probs (C, H, W), out.classes
 """
 
+from .devices import reuse_cpu_memory
 from .errors import RfclipError
 from .methods import METHODS, PLUGINS, build_method
 from .models import ClipModel, load_clip
@@ -21,4 +22,4 @@ def list_methods() -> dict[str, str]:
 
 
 __all__ = ["Segmenter", "Segmentation", "load_clip", "ClipModel", "RfclipError", "build_method", "list_methods",
-           "__version__"]
+           "reuse_cpu_memory", "__version__"]

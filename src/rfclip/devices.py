@@ -44,7 +44,7 @@ def reuse_cpu_memory(enable: bool = True) -> bool:
 
     It is a process-wide setting: the process keeps up to 1 GiB of freed memory for reuse (its resident size
     stays near its peak). rfclip's command line switches it on for CPU runs (``RFCLIP_REUSE_CPU_MEMORY=0``
-    leaves it off); from Python call it once yourself. ``enable=False`` restores glibc's defaults (128 KiB
+    leaves it off); from Python call ``rfclip.reuse_cpu_memory()`` once yourself. ``enable=False`` restores glibc's defaults (128 KiB
     thresholds, the dynamic mmap threshold is not restored). Returns whether the setting was applied (False on
     systems without glibc).
     """
