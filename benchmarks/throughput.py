@@ -1,4 +1,5 @@
-"""Throughput and peak memory of rfclip's batched inference, per method, and against the per-crop reference loop.
+"""Throughput and peak memory of rfclip's batched inference, per method, against the GEMM-bound limit of the machine
+and against the per-crop reference loop.
 
 Random ViT-B/16 weights (the real geometry; no download), random unit text embeddings for 21 classes (VOC21; the
 text encoder is not timed), VOC-like images (375 x 500, resized to short side 336 -> 336 x 448, 6 crops of 224 at
@@ -7,23 +8,31 @@ normalise, all crops through the ViT, logits, overlap averaging, resize to the o
 softmax, argmax, and the masks copied to the host.
 
     python benchmarks/throughput.py                                   # all methods, CPU or GPU, default precision
-    python benchmarks/throughput.py --reference-loop --json out.json  # + the per-crop fp32 loop of the reference code
-    python benchmarks/throughput.py --device cuda --precision bf16 --batch-size 64 --images 64 --compile
+    python benchmarks/throughput.py --reference-loop --repeats 3 --json out.json   # + the per-crop fp32 loop
+    python benchmarks/throughput.py --device cuda --precision bf16 --batch-size 192 --images 256 --compile
 
-Reported per method: images/s, ms/image, crops/s, peak memory (CUDA: max allocated; CPU: peak RSS of the process
-during the run and its growth over the RSS before the run), analytical ViT TFLOP/s and, with a known peak
-(``--peak-tflops`` or the table below), the fraction of the device's dense bf16 peak; the ratio to plain dense
-``clip`` measured in the same run; and with ``--reference-loop`` the speed-up over the reference's per-crop loop.
+Reported per method: images/s, ms/image, the share of the GEMM-bound limit (the ViT's FLOPs per image over the
+rate this machine reaches, in the same run, on the ViT's own linear-layer shapes at the run's crops per forward),
+peak memory (CUDA: max allocated; CPU: peak RSS of the process during the run), analytical ViT TFLOP/s and, with a
+known peak (``--peak-tflops`` or the table below), the fraction of the device's dense bf16 peak; the ratio to plain
+dense ``clip`` measured in the same run; and with ``--reference-loop`` the speed-up over the reference code's
+per-crop loop, which runs in a child process with glibc's default allocator (this process switches on
+:func:`rfclip.devices.reuse_cpu_memory` on CPU, as the ``rfclip`` command does; ``--reuse-cpu-memory off``).
 
 Method names are registered rfclip methods with optional plugins (``naclip+fsa``); ``+pamr`` switches on PAMR
-(an inference setting, not a plugin). Unknown methods/plugins are skipped with a note.
+(an inference setting, not a plugin), ``+compile`` compiles the encoder (as ``--compile`` does for every method);
+``+plant`` runs the method on a copy of the model with distraction tokens
+planted in every layer (:func:`rfclip.testing.plant_distraction_tokens`, ``--plant-tokens`` per crop), as real
+CLIP weights have them. Unknown methods/plugins are skipped with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import platform
 import resource
 import sys
@@ -35,11 +44,15 @@ import torch
 import torch.nn.functional as F
 
 from rfclip.constants import DISTRACTION_DIMS
+from rfclip.dense import DenseCLIP
+from rfclip.devices import reuse_cpu_memory
 from rfclip.errors import RfclipError
-from rfclip.inference import InferenceConfig, autocast_dtype, preprocess, rescale_size, sliding_windows
+from rfclip.inference import (InferenceConfig, autocast_dtype, crops_per_forward, preprocess, rescale_size,
+                              sliding_windows)
 from rfclip.methods import METHODS, PLUGINS, method_option_names, parse_method_spec
 from rfclip.models.loading import random_clip
 from rfclip.segmenter import Segmenter
+from rfclip.testing import plant_distraction_tokens
 from rfclip.text import TextQueries
 
 DEFAULT_METHODS = "clip,naclip,rfclip,rfclip+plant,rfclip+pamr,naclip+fsa"
@@ -105,11 +118,20 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+MODIFIERS = ("pamr", "plant", "compile")  # benchmark modifiers of a method spec, not plugins
+
+
 def split_spec(spec: str) -> tuple[str, list[str], bool, bool]:
     """``"rfclip+pamr"`` -> ("rfclip", [], True, False); ``"naclip+fsa"`` -> ("naclip", ["fsa"], False, False);
-    ``"rfclip+plant"`` -> ("rfclip", [], False, True). ``pamr`` and ``plant`` are benchmark modifiers."""
+    ``"rfclip+plant"`` -> ("rfclip", [], False, True). ``pamr``, ``plant`` and ``compile`` are benchmark modifiers
+    (``compile``: see :func:`compiled`)."""
     base, extra = parse_method_spec(spec)
-    return base, [p for p in extra if p not in ("pamr", "plant")], "pamr" in extra, "plant" in extra
+    return base, [p for p in extra if p not in MODIFIERS], "pamr" in extra, "plant" in extra
+
+
+def compiled(spec: str) -> bool:
+    """Whether ``spec`` asks for ``torch.compile`` (``clip+compile``), so that one run compares both."""
+    return "compile" in parse_method_spec(spec)[1]
 
 
 def unavailable(spec: str) -> str | None:
@@ -274,7 +296,7 @@ def reference_segment(seg: Segmenter, image: np.ndarray, text: TextQueries) -> n
     device = seg.device
     query_features = text.features.to(device=device, dtype=torch.float32)
     needs_text = getattr(seg.method, "needs_text_in_forward", False)
-    img = preprocess(image, cfg.short_side, device)[None]  # (1, 3, H, W); the reference resizes in its data pipeline
+    img = preprocess(image, cfg.short_side, device, cfg.pixel_mean, cfg.pixel_std)[None]  # (1, 3, H, W)
     batch_size, _, h_img, w_img = img.shape
     h_crop = w_crop = cfg.slide_crop
     h_stride = w_stride = cfg.slide_stride
@@ -332,31 +354,6 @@ def run_reference(seg: Segmenter, images: list[np.ndarray], text: TextQueries) -
 
 
 # ---------------------------------------------------------------------------------------------- RF-CLIP's work
-class PlantedDistractors:
-    """Wraps a method and plants distraction tokens: before every layer, ``tokens`` patch tokens of each crop get a
-    massive activation (50 x the token's std) in the first two distraction dims, as CLIP's real distraction tokens
-    have. Random weights give RF-CLIP few or no distraction tokens, so its per-layer work (attention redistribution,
-    normalized cut) would be skipped; planted tokens make every layer of every crop do it: the worst case.
-    Timing only (the outputs change)."""
-
-    def __init__(self, base, tokens: int, dims: tuple[int, ...]):
-        self.base = base
-        self.tokens = tokens
-        self.dims = dims[:2]
-
-    def __getattr__(self, item):  # everything else is the base method's
-        return getattr(self.base, item)
-
-    def layer_input(self, ctx, layer, x):
-        n = x.shape[1] - 1
-        idx = torch.linspace(0, n - 1, self.tokens + 2, device=x.device)[1:-1].round().long() + 1
-        dims = torch.tensor(self.dims, device=x.device)
-        x = x.clone()
-        std = x[:, idx].float().std(-1, keepdim=True)  # (B, k, 1)
-        x[:, idx.unsqueeze(-1), dims] = (50 * std).to(x.dtype).expand(-1, -1, len(self.dims))
-        return self.base.layer_input(ctx, layer, x)
-
-
 def method_diagnostics(seg: Segmenter, image: np.ndarray, text: TextQueries) -> dict[str, Any] | None:
     """RF-CLIP's distraction tokens found per layer on one image's crops (mean per crop), from the forward's
     diagnostics (``record``); None for methods that record no ``rf.L*.dis``."""
@@ -380,16 +377,101 @@ def method_diagnostics(seg: Segmenter, image: np.ndarray, text: TextQueries) -> 
                                                           * (crops.shape[-1] // seg.encoder.patch_size[1]))}
 
 
+# ---------------------------------------------------------------------------------------------- the GEMM limit
+def gemm_rate(encoder, rows: int, device: torch.device, amp: torch.dtype | None, repeats: int = 5) -> float:
+    """FLOP/s of this machine on the ViT's own linear layers (q/k/v in-projection, out-projection, MLP in and out,
+    with the first block's weights) for ``rows`` tokens at once, in the run's precision: the best of ``repeats``
+    timed passes over the four shapes. The ViT's FLOPs over this rate is the time a forward would take if it were
+    nothing but these GEMMs at this speed (the "GEMM-bound limit")."""
+    block = encoder.blocks[0]
+    fc = [m for m in block.mlp.modules() if isinstance(m, torch.nn.Linear)]
+    layers = [(block.attn.in_proj_weight, block.attn.in_proj_bias), (block.attn.out_proj.weight, block.attn.out_proj.bias),
+              (fc[0].weight, fc[0].bias), (fc[-1].weight, fc[-1].bias)]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    inputs = [torch.randn(rows, w.shape[1], generator=g).to(device) for w, _ in layers]
+    flops = sum(2.0 * rows * w.shape[0] * w.shape[1] for w, _ in layers)
+    ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    best = float("inf")
+    with torch.inference_mode(), ctx:
+        for i in range(repeats + 1):
+            with Timer(device) as t:
+                for x, (w, b) in zip(inputs, layers):
+                    F.linear(x, w, b)
+            if i > 0:  # the first pass warms up
+                best = min(best, t.seconds)
+    return flops / best
+
+
+# ---------------------------------------------------------------------------------------------- reference in a child
+def _reference_worker(conn, settings: dict) -> None:
+    """Child process of the reference loop: the same random model(s), images and text from the same seeds, and
+    glibc's default allocator (the parent may have called ``reuse_cpu_memory``; the reference code would not)."""
+    torch.set_num_threads(settings["threads"])
+    args = argparse.Namespace(**settings["args"])
+    device = torch.device(settings["device"])
+    clip = random_model(args.model, args.seed)
+    clip.model.to(device)
+    models = {False: clip}
+    text = random_text(NUM_CLASSES, clip.model.visual.output_dim, args.seed)
+    images = voc_like_images(settings["n_images"], *args.image_size, seed=args.seed)
+    segs: dict[str, Segmenter] = {}
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        spec, n = msg
+        if spec not in segs:
+            plant = split_spec(spec)[3]
+            if plant not in models:
+                models[plant] = planted_model(clip, args.plant_tokens)
+            segs[spec] = build_segmenter(models[plant], spec, args, device).with_config(precision="fp32",
+                                                                                         compile=False)
+            run_reference(segs[spec], images[:1], text)  # warm-up
+        t, mem, masks = measure(lambda: run_reference(segs[spec], images[:n], text), device)
+        conn.send((t.seconds, t.cpu_seconds, mem.peak_mib, masks))
+
+
+class ReferenceLoop:
+    """The reference loop, run in a spawned child process (see :func:`_reference_worker`)."""
+
+    def __init__(self, args, device: torch.device, n_images: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        settings = {"args": vars(args), "device": str(device), "n_images": n_images,
+                    "threads": torch.get_num_threads()}
+        self.proc = ctx.Process(target=_reference_worker, args=(child, settings), daemon=True)
+        self.proc.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("the reference worker did not start")
+
+    def run(self, spec: str, n: int):
+        self.conn.send((spec, n))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(timeout=60)
+
+
 # ---------------------------------------------------------------------------------------------- main
+def planted_model(clip, tokens: int):
+    """``clip`` with ``tokens`` patch tokens per 224 crop (spread over the 14 x 14 grid) made distraction tokens in
+    every layer by :func:`rfclip.testing.plant_distraction_tokens` (over-activated distraction dims, re-created by
+    every block), as real CLIP weights have them."""
+    grid = clip.model.visual.positional_embedding.shape[0] - 1
+    positions = torch.linspace(0, grid - 1, tokens + 2)[1:-1].round().long().tolist()
+    return plant_distraction_tokens(clip, positions, B16_DISTRACTION_DIMS)
+
+
 def build_segmenter(clip, spec: str, args, device: torch.device) -> Segmenter:
-    base, plugins, use_pamr, plant = split_spec(spec)
+    base, plugins, use_pamr, _ = split_spec(spec)
     opts = method_options(spec, args.method_option)
-    seg = Segmenter(clip, method=base, plugins=plugins, device=device, text_cache=False, templates=["{}"],
-                    batch_size=args.batch_size, precision=args.precision, pamr=use_pamr, compile=args.compile,
-                    **opts)
-    if plant:
-        seg.method = PlantedDistractors(seg.method, args.plant_tokens, B16_DISTRACTION_DIMS)
-    return seg
+    return Segmenter(clip, method=base, plugins=plugins, device=device, text_cache=False, templates=["{}"],
+                     batch_size=args.batch_size, precision=args.precision, pamr=use_pamr,
+                     compile=args.compile or compiled(spec), **opts)
 
 
 def measure(fn, device: torch.device) -> tuple[Timer, PeakMemory, Any]:
@@ -402,22 +484,28 @@ def measure(fn, device: torch.device) -> tuple[Timer, PeakMemory, Any]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma-separated method specs; '+pamr' turns PAMR on, '+plant' plants distraction tokens "
-                        f"(default: {DEFAULT_METHODS})")
+                   help="comma-separated method specs; '+pamr' turns PAMR on, '+plant' runs the method on a model "
+                        "with planted distraction tokens, '+compile' compiles the encoder (default: "
+                        f"{DEFAULT_METHODS})")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name for the random-weight model")
     p.add_argument("--images", type=int, default=16, help="number of timed images per method")
     p.add_argument("--image-size", type=parse_size, default=(375, 500), help="HxW of the images (default 375x500)")
     p.add_argument("--images-per-call", type=int, default=8,
                    help="images per Segmenter.predict call; their crops share forwards (default 8)")
-    p.add_argument("--batch-size", type=int, default=64, help="crops per forward (default 64)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="crops per forward (default: rfclip's device default, 64 on a GPU, 8 on CPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder forward")
+    p.add_argument("--reuse-cpu-memory", choices=["on", "off"], default="on",
+                   help="CPU: rfclip.devices.reuse_cpu_memory() for the pipeline, as the rfclip command line does "
+                        "(default on; the reference loop always runs with glibc's defaults in its own process)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up calls per method before timing (default 1)")
     p.add_argument("--repeats", type=int, default=1,
                    help="timed rounds over all methods (interleaved); the fastest round per method counts")
     p.add_argument("--reference-loop", action="store_true",
-                   help="also time the reference code's per-crop fp32 loop (batch 1) for every method")
+                   help="also time the reference code's per-crop fp32 loop (batch 1) for every method, in a child "
+                        "process")
     p.add_argument("--reference-images", type=int, default=None,
                    help="images for the reference loop (default: --images)")
     p.add_argument("--plant-tokens", type=int, default=4, help="distraction tokens planted per crop by '+plant'")
@@ -452,11 +540,16 @@ def main(argv=None) -> dict:
     clip.model.to(device)
     text = random_text(NUM_CLASSES, clip.model.visual.output_dim, args.seed)
     images = voc_like_images(args.images, *args.image_size, seed=args.seed)
-    ref_images = images[: args.reference_images or args.images]
+    n_ref = min(args.reference_images or args.images, args.images)
     cfg = InferenceConfig()
     resized = rescale_size(*args.image_size, cfg.short_side)
     crops_per_image = len(sliding_windows(*resized, cfg.slide_crop, cfg.slide_stride))
+    batch = crops_per_forward(args.batch_size, device)
+    crops_per_batch = min(batch, crops_per_image * args.images_per_call)
     peak, peak_src = peak_tflops(device, args.peak_tflops)
+    # the reference child starts before this process changes its allocator, so it inherits nothing of it
+    reference = ReferenceLoop(args, device, n_ref) if args.reference_loop else None
+    reuse = device.type == "cpu" and args.reuse_cpu_memory == "on" and reuse_cpu_memory(True)
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device_name(device),
@@ -464,21 +557,35 @@ def main(argv=None) -> dict:
         "command": "python " + " ".join(sys.argv if argv is None else ["benchmarks/throughput.py", *argv]),
         "model": f"{args.model} (random weights, seed {args.seed})",
         "precision": precision_used,
-        "batch_size": args.batch_size,
+        "batch_size": batch,
         "images": args.images,
-        "reference_images": len(ref_images) if args.reference_loop else 0,
+        "reference_images": n_ref if args.reference_loop else 0,
         "images_per_call": args.images_per_call,
         "image_size": list(args.image_size),
         "resized": list(resized),
         "crops_per_image": crops_per_image,
         "compile": args.compile,
         "repeats": args.repeats,
+        "reuse_cpu_memory": bool(reuse),
         "peak_tflops": peak,
         "peak_source": peak_src,
+        "load_average_before": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+    encoder = DenseCLIP(clip.model.visual).to(device)
+    rate = gemm_rate(encoder, crops_per_batch * (encoder_tokens(encoder, cfg.slide_crop)), device, amp)
+    rate_one = gemm_rate(encoder, encoder_tokens(encoder, cfg.slide_crop), device, amp)
+    flops_per_image = crops_per_image * vit_flops_per_crop(encoder, (cfg.slide_crop, cfg.slide_crop),
+                                                           clip.model.visual.output_dim)
+    info.update(gemm_gflops=rate / 1e9, gemm_gflops_one_crop=rate_one / 1e9, gemm_rows=crops_per_batch *
+                encoder_tokens(encoder, cfg.slide_crop), gflops_per_image=flops_per_image / 1e9,
+                gemm_limit_images_per_s=rate / flops_per_image)
     print(f"# {info['device']} | torch {torch.__version__} | {info['model']} | {precision_used} | "
-          f"batch {args.batch_size} | {args.images} images {args.image_size[0]}x{args.image_size[1]} -> "
-          f"{resized[0]}x{resized[1]}, {crops_per_image} crops each", flush=True)
+          f"{batch} crops per forward | {args.images} images {args.image_size[0]}x{args.image_size[1]} -> "
+          f"{resized[0]}x{resized[1]}, {crops_per_image} crops each | reuse_cpu_memory {bool(reuse)}", flush=True)
+    print(f"# GEMM rate on the ViT's linear shapes: {rate / 1e9:.1f} GFLOP/s at {info['gemm_rows']} rows "
+          f"({rate_one / 1e9:.1f} at one crop's {encoder_tokens(encoder, cfg.slide_crop)}); "
+          f"{flops_per_image / 1e9:.1f} GFLOP per image -> GEMM-bound limit {info['gemm_limit_images_per_s']:.3f} img/s",
+          flush=True)
 
     specs, skipped = [], []
     for spec in [s.strip() for s in args.methods.split(",") if s.strip()]:
@@ -489,39 +596,45 @@ def main(argv=None) -> dict:
         else:
             specs.append(spec)
 
+    models = {False: clip}
     segs, rows = {}, {}
     for spec in specs:
-        seg = segs[spec] = build_segmenter(clip, spec, args, device)
+        plant = split_spec(spec)[3]
+        if plant not in models:
+            models[plant] = planted_model(clip, args.plant_tokens)
+        seg = segs[spec] = build_segmenter(models[plant], spec, args, device)
         flops = vit_flops_per_crop(seg.encoder, (cfg.slide_crop, cfg.slide_crop), clip.model.visual.output_dim)
         rows[spec] = {"method": spec, "gflops_per_crop": flops / 1e9, "_flops": flops}
         for _ in range(args.warmup):
             run_pipeline(seg, images[: args.images_per_call], text, args.images_per_call)
-            if args.reference_loop:
-                run_reference(seg.with_config(precision="fp32"), ref_images[:1], text)
         diag = method_diagnostics(seg, images[0], text)
         if diag is not None:
             rows[spec]["diagnostics"] = diag
             print(f"# {spec}: distraction tokens per crop by layer {diag['distraction_tokens_per_crop_by_layer']}",
                   flush=True)
 
-    for rnd in range(args.repeats):
-        for spec in specs:
-            seg, row = segs[spec], rows[spec]
-            t, mem, masks = measure(lambda: run_pipeline(seg, images, text, args.images_per_call), device)
-            if "seconds" not in row or t.seconds < row["seconds"]:
-                row.update(seconds=t.seconds, cpu_seconds=t.cpu_seconds)
-            row["peak_mib"] = max(row.get("peak_mib", 0.0), mem.peak_mib)
-            row["peak_growth_mib"] = max(row.get("peak_growth_mib", 0.0), mem.growth_mib)
-            row["memory_kind"] = mem.kind
-            if args.reference_loop:
-                ref_seg = seg.with_config(precision="fp32", compile=False)
-                rt, rmem, ref_masks = measure(lambda: run_reference(ref_seg, ref_images, text), device)
-                if "ref_seconds" not in row or rt.seconds < row["ref_seconds"]:
-                    row.update(ref_seconds=rt.seconds, ref_cpu_seconds=rt.cpu_seconds)
-                row["reference_peak_mib"] = max(row.get("reference_peak_mib", 0.0), rmem.peak_mib)
-                row["mask_agreement_vs_reference"] = float(np.mean([(a == b).mean() for a, b in zip(masks, ref_masks)]))
-            finish_row(row, args, crops_per_image, peak, len(ref_images))
-            print(f"[round {rnd + 1}/{args.repeats}] " + format_row(row, args.reference_loop), flush=True)
+    try:
+        for rnd in range(args.repeats):
+            for spec in specs:
+                seg, row = segs[spec], rows[spec]
+                t, mem, masks = measure(lambda: run_pipeline(seg, images, text, args.images_per_call), device)
+                if "seconds" not in row or t.seconds < row["seconds"]:
+                    row.update(seconds=t.seconds, cpu_seconds=t.cpu_seconds)
+                row["peak_mib"] = max(row.get("peak_mib", 0.0), mem.peak_mib)
+                row["peak_growth_mib"] = max(row.get("peak_growth_mib", 0.0), mem.growth_mib)
+                row["memory_kind"] = mem.kind
+                if reference is not None:
+                    ref_s, ref_cpu, ref_peak, ref_masks = reference.run(spec, n_ref)
+                    if "ref_seconds" not in row or ref_s < row["ref_seconds"]:
+                        row.update(ref_seconds=ref_s, ref_cpu_seconds=ref_cpu)
+                    row["reference_peak_mib"] = max(row.get("reference_peak_mib", 0.0), ref_peak)
+                    row["mask_agreement_vs_reference"] = float(np.mean([(a == b).mean()
+                                                                        for a, b in zip(masks, ref_masks)]))
+                finish_row(row, args, crops_per_image, peak, n_ref, info["gemm_limit_images_per_s"])
+                print(f"[round {rnd + 1}/{args.repeats}] " + format_row(row, reference is not None), flush=True)
+    finally:
+        if reference is not None:
+            reference.close()
 
     rows = [rows[s] for s in specs]
     base = next((r for r in rows if r["method"] == "clip"), None)
@@ -529,8 +642,9 @@ def main(argv=None) -> dict:
         r.pop("_flops", None)
         r["vs_clip"] = r["images_per_s"] / base["images_per_s"] if base else None
         r["vs_clip_cpu_time"] = base["cpu_s_per_image"] / r["cpu_s_per_image"] if base else None
+    info["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print()
-    print(format_table(rows, args.reference_loop))
+    print(format_table(rows, reference is not None))
     for s in skipped:
         print(f"skipped {s['method']}: {s['reason']}")
     result = {"info": info, "results": rows, "skipped": skipped}
@@ -541,11 +655,16 @@ def main(argv=None) -> dict:
     return result
 
 
-def finish_row(row: dict, args, crops_per_image: int, peak: float | None, n_ref: int) -> None:
+def encoder_tokens(encoder, crop: int) -> int:
+    """Tokens of one square crop: patches plus the [CLS] token."""
+    return (crop // encoder.patch_size[0]) * (crop // encoder.patch_size[1]) + 1
+
+
+def finish_row(row: dict, args, crops_per_image: int, peak: float | None, n_ref: int, limit: float) -> None:
     ips = args.images / row["seconds"]
     row.update(images_per_s=ips, ms_per_image=1000 * row["seconds"] / args.images,
                cpu_s_per_image=row["cpu_seconds"] / args.images, crops_per_s=ips * crops_per_image,
-               tflops=ips * crops_per_image * row["_flops"] / 1e12)
+               tflops=ips * crops_per_image * row["_flops"] / 1e12, pct_gemm_limit=100 * ips / limit)
     row["pct_peak"] = 100 * row["tflops"] / peak if peak else None
     if "ref_seconds" in row:
         ref_ips = n_ref / row["ref_seconds"]
@@ -556,7 +675,8 @@ def finish_row(row: dict, args, crops_per_image: int, peak: float | None, n_ref:
 
 def format_row(r: dict, with_ref: bool) -> str:
     s = (f"{r['method']:<14} {r['images_per_s']:8.3f} img/s  {r['ms_per_image']:8.1f} ms/img  "
-         f"cpu {r['cpu_s_per_image']:6.2f} s/img  peak {r['peak_mib']:7.0f} MiB  {r['tflops']:7.3f} TFLOP/s")
+         f"{r['pct_gemm_limit']:5.1f}% of GEMM limit  cpu {r['cpu_s_per_image']:6.2f} s/img  "
+         f"peak {r['peak_mib']:7.0f} MiB  {r['tflops']:7.3f} TFLOP/s")
     if with_ref:
         s += (f"  | ref {r['reference_images_per_s']:.3f} img/s  x{r['speedup_vs_reference']:.2f} "
               f"(cpu time x{r['speedup_vs_reference_cpu_time']:.2f})  masks agree "
@@ -565,12 +685,13 @@ def format_row(r: dict, with_ref: bool) -> str:
 
 
 def format_table(rows: list[dict], with_ref: bool) -> str:
-    head = ["method", "img/s", "ms/img", "CPU s/img", "TFLOP/s", "% peak", "peak MiB", "vs clip", "vs clip (CPU time)"]
+    head = ["method", "img/s", "ms/img", "% GEMM limit", "TFLOP/s", "% peak", "peak MiB", "vs clip",
+            "vs clip (CPU time)"]
     if with_ref:
         head += ["ref img/s", "ref peak MiB", "x ref", "x ref (CPU time)", "masks = ref %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r["method"], f"{r['images_per_s']:.3f}", f"{r['ms_per_image']:.1f}", f"{r['cpu_s_per_image']:.2f}",
+        cells = [r["method"], f"{r['images_per_s']:.3f}", f"{r['ms_per_image']:.1f}", f"{r['pct_gemm_limit']:.1f}",
                  f"{r['tflops']:.3f}", f"{r['pct_peak']:.1f}" if r.get("pct_peak") is not None else "-",
                  f"{r['peak_mib']:.0f}",
                  f"{r['vs_clip']:.2f}x" if r.get("vs_clip") is not None else "-",

@@ -149,7 +149,7 @@ def test_evaluate_matches_per_image_reference(segmenter, data):
     assert result["class_names"][0] == "background" and result["class_names"][15] == "person"
     assert set(result["per_class_iou"]) == set(result["class_names"])
     assert result["method"] == "naclip" and result["world_size"] == 1 and result["outputs"] is None
-    assert result["images_per_s"] > 0
+    assert result["images_per_s"] > 0 and result["num_workers"] == 2
     # every labelled pixel was counted once: gt areas equal the label histogram over the dataset
     hist = np.zeros(21, np.int64)
     for i in range(len(ds)):
@@ -170,6 +170,16 @@ def test_evaluate_uses_each_preset(segmenter, data):
     assert voc20["settings"]["prob_thd"] == 0.0 and len(voc20["iou"]) == 20
     with pytest.raises(RfclipError, match="unknown inference setting"):
         evaluate(segmenter, build_dataset("voc21", data["voc"]), overrides={"shortside": 3}, progress=False)
+
+
+def test_evaluate_decodes_in_the_main_process_on_cpu_by_default(segmenter, data):
+    """On CPU the model already uses every core: the default is no DataLoader workers, same numbers as 2 workers."""
+    ds = build_dataset("voc21", data["voc"])
+    auto = evaluate(segmenter, ds, limit=3, images_per_batch=2, progress=False, overrides={"short_side": 64})
+    two = evaluate(segmenter, ds, limit=3, num_workers=2, images_per_batch=2, progress=False,
+                   overrides={"short_side": 64})
+    assert segmenter.device.type == "cpu" and auto["num_workers"] == 0 and two["num_workers"] == 2
+    assert auto["counts"] == two["counts"]
 
 
 def test_evaluate_limit_and_files(segmenter, data, tmp_path):
