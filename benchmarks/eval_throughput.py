@@ -38,24 +38,10 @@ from rfclip.devices import resolve_device, reuse_cpu_memory_from_env
 from rfclip.evaluate import configure, evaluate
 from rfclip.models.loading import random_clip
 from rfclip.segmenter import Segmenter
+from rfclip.viz import palette as palette_colours
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import B16_DISTRACTION_DIMS, device_name, voc_like_images  # noqa: E402
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (index i -> RGB), as the dataset's label PNGs carry it."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def write_voc(root: Path, n: int, height: int, width: int, seed: int) -> Path:
@@ -65,7 +51,7 @@ def write_voc(root: Path, n: int, height: int, width: int, seed: int) -> Path:
     (voc / "SegmentationClass").mkdir(parents=True, exist_ok=True)
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    palette = voc_palette()
+    palette = palette_colours(256).reshape(-1).tolist()  # label PNGs are palette images, as VOC's are
     names = []
     for i, img in enumerate(voc_like_images(n, height, width, seed)):
         name = f"2007_{i:06d}"
