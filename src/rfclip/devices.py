@@ -30,7 +30,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _REUSE_BYTES = 1 << 30
-_reuse_state: dict[str, bool] = {}
 
 
 def reuse_cpu_memory(enable: bool = True) -> bool:
@@ -44,9 +43,9 @@ def reuse_cpu_memory(enable: bool = True) -> bool:
 
     It is a process-wide setting: the process keeps up to 1 GiB of freed memory for reuse (its resident size
     stays near its peak). rfclip's command line switches it on for CPU runs (``RFCLIP_REUSE_CPU_MEMORY=0``
-    leaves it off); from Python call ``rfclip.reuse_cpu_memory()`` once yourself. ``enable=False`` restores glibc's defaults (128 KiB
-    thresholds, the dynamic mmap threshold is not restored). Returns whether the setting was applied (False on
-    systems without glibc).
+    leaves it off); from Python call ``rfclip.reuse_cpu_memory()`` once yourself. ``enable=False`` sets glibc's
+    default values back (128 KiB thresholds; its dynamic mmap threshold stays off). Returns whether the setting
+    was applied (False on systems without glibc).
     """
     import ctypes
     import ctypes.util
@@ -60,9 +59,7 @@ def reuse_cpu_memory(enable: bool = True) -> bool:
     except (OSError, AttributeError):
         return False
     value = _REUSE_BYTES if enable else 128 * 1024
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, value)) and bool(mallopt(_M_TRIM_THRESHOLD, value))
-    _reuse_state["enabled"] = ok and enable
-    return ok
+    return bool(mallopt(_M_MMAP_THRESHOLD, value)) and bool(mallopt(_M_TRIM_THRESHOLD, value))
 
 
 def reuse_cpu_memory_from_env(device: torch.device) -> bool:

@@ -103,9 +103,9 @@ def run(args) -> int:
     _require_gradio()
     from ..demo.app import build_app, serve
     from ..demo.engine import DemoEngine, ModelInfo, Settings, all_method_options
+    from ..devices import reuse_cpu_memory_from_env
     from ..inference import InferenceConfig
     from ..methods import method_option_names
-    from ..devices import reuse_cpu_memory_from_env
     from ..segmenter import Segmenter
 
     # Everything typed is checked before the model loads.
