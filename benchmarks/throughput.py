@@ -288,7 +288,7 @@ def run_pipeline(seg: Segmenter, images: list[np.ndarray], text: TextQueries, im
 @torch.inference_mode()
 def reference_segment(seg: Segmenter, image: np.ndarray, text: TextQueries) -> np.ndarray:
     """The reference code's inference (SCLIP / NACLIP / RF-CLIP ``slide_inference`` + ``postprocess_result``),
-    restated: one crop at a time through the ViT in fp32 (batch size 1), each crop's logits upsampled to the crop,
+    restated: one crop at a time through the ViT (batch size 1; fp32, or the segmenter's precision), each crop's logits upsampled to the crop,
     zero-padded to the full image and accumulated, a count map, then resize, optional PAMR, softmax, max over
     synonyms (through a one-hot class-by-query product), argmax. Same encoder and method hooks as the pipeline,
     so both compute the same numbers; only the execution differs."""
@@ -296,6 +296,8 @@ def reference_segment(seg: Segmenter, image: np.ndarray, text: TextQueries) -> n
     device = seg.device
     query_features = text.features.to(device=device, dtype=torch.float32)
     needs_text = getattr(seg.method, "needs_text_in_forward", False)
+    amp_dtype = autocast_dtype(device, cfg.precision)
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     img = preprocess(image, cfg.short_side, device, cfg.pixel_mean, cfg.pixel_std)[None]  # (1, 3, H, W)
     batch_size, _, h_img, w_img = img.shape
     h_crop = w_crop = cfg.slide_crop
@@ -307,7 +309,8 @@ def reference_segment(seg: Segmenter, image: np.ndarray, text: TextQueries) -> n
     count_mat = img.new_zeros((batch_size, 1, h_img, w_img))
     image_cls = None  # rfclip_release: a second pass over the whole image for its [CLS] (once per crop there)
     if h_crop > 0 and getattr(seg.method, "needs_image_cls", False):
-        image_cls = seg.encoder(img, seg.method, cls_only=True).cls
+        with amp:
+            image_cls = seg.encoder(img, seg.method, cls_only=True).cls
     for h_idx in range(h_grids):
         for w_idx in range(w_grids):
             y1 = h_idx * h_stride
@@ -318,8 +321,9 @@ def reference_segment(seg: Segmenter, image: np.ndarray, text: TextQueries) -> n
             x1 = max(x2 - w_crop, 0)
             crop_img = img[:, :, y1:y2, x1:x2]
             # forward_feature: image features -> cosine logits -> (1, Q, h, w) -> bilinear to the crop size
-            features, (gh, gw), cls = seg.encoder(crop_img, seg.method,
-                                                  text_features=query_features if needs_text else None)
+            with amp:  # fp32 by default; --reference-precision fp16 is the reference code's fp16 loop
+                features, (gh, gw), cls = seg.encoder(crop_img, seg.method,
+                                                      text_features=query_features if needs_text else None)
             logits = seg.method.logits(features, cls if image_cls is None else image_cls, query_features)
             logits = logits.permute(0, 2, 1).reshape(-1, num_queries, gh, gw)
             crop_seg_logit = F.interpolate(logits, size=crop_img.shape[-2:], mode="bilinear")
@@ -425,8 +429,8 @@ def _reference_worker(conn, settings: dict) -> None:
             plant = split_spec(spec)[3]
             if plant not in models:
                 models[plant] = planted_model(clip, args.plant_tokens)
-            segs[spec] = build_segmenter(models[plant], spec, args, device).with_config(precision="fp32",
-                                                                                         compile=False)
+            segs[spec] = build_segmenter(models[plant], spec, args, device).with_config(
+                precision=args.reference_precision, compile=False)
             run_reference(segs[spec], images[:1], text)  # warm-up
         t, mem, masks = measure(lambda: run_reference(segs[spec], images[:n], text), device)
         conn.send((t.seconds, t.cpu_seconds, mem.peak_mib, masks))
@@ -506,6 +510,9 @@ def parse_args(argv=None):
     p.add_argument("--reference-loop", action="store_true",
                    help="also time the reference code's per-crop fp32 loop (batch 1) for every method, in a child "
                         "process")
+    p.add_argument("--reference-precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="precision of the reference loop (default fp32: the masks = ref column is then the "
+                        "pipeline's agreement with fp32; fp16: the reference code's fp16 loop, for the speed-up)")
     p.add_argument("--reference-images", type=int, default=None,
                    help="images for the reference loop (default: --images)")
     p.add_argument("--plant-tokens", type=int, default=4, help="distraction tokens planted per crop by '+plant'")
@@ -560,6 +567,7 @@ def main(argv=None) -> dict:
         "batch_size": batch,
         "images": args.images,
         "reference_images": n_ref if args.reference_loop else 0,
+        "reference_precision": args.reference_precision if args.reference_loop else None,
         "images_per_call": args.images_per_call,
         "image_size": list(args.image_size),
         "resized": list(resized),
