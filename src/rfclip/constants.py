@@ -123,3 +123,18 @@ FSA_LAMBDA_VFMS = ("sam", "dino", "dinov2")  # the VFM kinds whose lambda is "de
 # --- ProxyCLIP (ECCV 2024; segmentor defaults) ------------------------------------------------------
 PROXY_BETA = 1.2  # shift of the mean similarity
 PROXY_GAMMA = 3.0  # scale before the softmax
+
+# CorrCLIP v1 (zdk258/CorrCLIP at 103bc18, CorrCLIPv1/open_clip/transformer.py VisionTransformer.forward and
+# corrclip_segmentor.py; spec corrclip.md §1.2-1.3)
+CORRCLIP_SPATIAL_WEIGHT = 1.0  # ALPHA: weight of the spatial branch (mean of intermediate layers)
+CORRCLIP_SEMANTIC_WEIGHT = 0.5  # BETA: weight of the semantic branch (mask class tokens)
+CORRCLIP_TAU = 4.0  # TAU: attn = softmax(TAU * S) over the DINO q+k cosine similarities
+CORRCLIP_MERGE_EPS = 0.2  # DBSCAN(eps=0.2, min_samples=1) on max(sim) - sim of the region mean features
+CORRCLIP_NUM_SPATIAL = {12: 5, 24: 12, 32: 28}  # NUM_SPATIAL per depth; any other depth L: L - 4
+CORRCLIP_PAD_MULTIPLE = 56  # compute_padsize(H, W, 56): crops zero-padded (centred) to multiples of 56 px
+CORRCLIP_PAD_REGION = 10000  # the region id of the padding (and the base of the merged cluster ids: cluster + 10000)
+# CorrCLIPv1/README.md, 8-benchmark average mIoU (VOC21, PC60, Object, VOC20, PC59, Stuff, City, ADE), per mask source
+PAPER_CORRCLIP_AVG = {
+    "ViT-B": {"sam2_32": 51.0, "sam2_8": 50.4, "mask2former": 50.3, "eomt": 52.3, "entityseg": 52.4},
+    "ViT-L": {"sam2_32": 53.6, "sam2_8": 52.9, "mask2former": 52.7, "eomt": 54.9, "entityseg": 55.4},
+}

@@ -55,6 +55,8 @@ class FinalTokens(NamedTuple):
     patches: Tensor | None  # (B, N', C) patch tokens in raster order over ``grid``; None: [CLS] only (ctx.cls_only)
     cls: Tensor | None = None  # (B, C) the [CLS] token, None when the output grid has none
     grid: tuple[int, int] | None = None  # patch grid of ``patches`` when it differs from the CLIP grid
+    after_ln_post: bool = False  # True: ``patches`` already went through ``ln_post`` (CorrCLIP sums three branches
+    #                              after it); the forward then only applies ``proj``
 
 
 class DenseOutput(NamedTuple):
@@ -76,6 +78,7 @@ class ForwardContext:
     store: dict[str, Any] = field(default_factory=dict)  # scratch space for the method (e.g. key-key maps)
     record: dict[str, Any] | None = None  # diagnostics requested by `rfclip explain`; None = record nothing
     cls_only: bool = False  # only the [CLS] output is needed: a method may skip work done for the patch features
+    regions: Tensor | None = None  # (B, H, W) int64 region map of each crop (mask-tier methods), padding included
 
     @property
     def num_layers(self) -> int:
@@ -325,25 +328,28 @@ class DenseCLIP(nn.Module):
             return FinalTokens(patches=y[:, 1:], cls=y[:, 0], grid=grid)
         return FinalTokens(patches=y, cls=None, grid=grid)
 
-    def to_text_space(self, y: Tensor) -> Tensor:
-        """``ln_post(y) @ proj`` (not normalised): tokens (…, C) -> (…, D)."""
-        y = self.visual.ln_post(y)
+    def to_text_space(self, y: Tensor, ln_post: bool = True) -> Tensor:
+        """``ln_post(y) @ proj`` (not normalised): tokens (…, C) -> (…, D); ``ln_post=False``: ``y @ proj``."""
+        if ln_post:
+            y = self.visual.ln_post(y)
         proj = self.visual.proj
         return y @ proj.to(y.dtype) if proj is not None else y
 
     # ------------------------------------------------------------------ the forward
     def forward(self, images: Tensor, method: Hooks, text_features: Tensor | None = None,
-                record: dict[str, Any] | None = None, cls_only: bool = False) -> DenseOutput:
+                record: dict[str, Any] | None = None, cls_only: bool = False,
+                regions: Tensor | None = None) -> DenseOutput:
         """Dense features of crops ``images`` (B, 3, H, W).
 
         Returns :class:`DenseOutput` ``(features, grid, cls)``: features (B, h*w, D) L2-normalised patch embeddings
         in the text space, in raster order over ``grid`` = (h, w) (the CLIP grid, or the method's own grid, e.g.
         ProxyCLIP's VFM grid), and the final [CLS] token in the text space (B, D) (None when the method's output
         has none). ``cls_only=True`` tells the method that only the [CLS] is needed (``features`` may be None).
+        ``regions`` (B, H, W) int64: each crop's region map, for methods that use region masks (``ctx.regions``).
         """
         x, grid = self.embed(images)
         ctx = ForwardContext(encoder=self, images=images, grid=grid, text_features=text_features, record=record,
-                             cls_only=cls_only)
+                             cls_only=cls_only, regions=regions)
         method.begin(ctx)
         last = self.num_layers - 1
         for layer, block in enumerate(self.blocks):
@@ -356,7 +362,7 @@ class DenseCLIP(nn.Module):
             final = self.final_block(self.blocks[-1], x, q, k, v, method.final_attention(ctx, q, k, v), grid)
         features = cls = None
         if final.patches is not None:
-            features = F.normalize(self.to_text_space(final.patches).float(), dim=-1)  # (B, N, D)
+            features = F.normalize(self.to_text_space(final.patches, not final.after_ln_post).float(), dim=-1)
         if final.cls is not None:
             cls = F.normalize(self.to_text_space(final.cls).float(), dim=-1)  # (B, D)
         return DenseOutput(features, final.grid if final.grid is not None else grid, cls)

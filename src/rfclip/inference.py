@@ -429,14 +429,17 @@ def image_cls_tokens(encoder, method, images: Sequence[Tensor], batch_size: int 
 
 
 def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, crop: int, stride: int,
-                 batch_size: int = 64, amp_dtype: torch.dtype | None = None, pad_to: int = 0) -> list[Tensor]:
+                 batch_size: int = 64, amp_dtype: torch.dtype | None = None, pad_to: int = 0,
+                 regions: Sequence[Tensor] | None = None) -> list[Tensor]:
     """Cosine logits per query for preprocessed images, averaged over sliding-window crops.
 
     ``images``: list of (3, H_i, W_i) normalised tensors. Crops of all images are grouped by shape and run
     ``batch_size`` at a time; ``pad_to`` > 0 zero-pads each crop to multiples of it (:func:`crop_padding`) and
     cuts the padding off the upsampled logits. The method's ``logits`` hook turns each crop's features (and its
     [CLS]: the crop's own, or with ``needs_image_cls`` the whole image's from :func:`image_cls_tokens` when the
-    image has several windows) into logits. Returns a list of (Q, H_i, W_i) fp32 tensors (before softmax).
+    image has several windows) into logits. ``regions``: one (H_i, W_i) int64 region map per image (mask-tier
+    methods): each crop's map travels with it, padded with the method's ``region_pad_value``, as ``ctx.regions``.
+    Returns a list of (Q, H_i, W_i) fp32 tensors (before softmax).
     """
     device = images[0].device
     text_features = text.features.to(device=device, dtype=torch.float32)  # (Q, D)
@@ -464,10 +467,18 @@ def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, c
         padded = (shape[0] + top + bottom, shape[1] + left + right)
         for chunk in _chunks(crops, batch_size):
             batch = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])  # (B, 3, h, w)
+            extra = {}
+            if regions is not None:  # (B, h, w) region maps of the crops, padded like them
+                crop_regions = torch.stack([regions[i][y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])
+                if padded != shape:
+                    crop_regions = F.pad(crop_regions, (left, right, top, bottom),
+                                         value=int(getattr(method, "region_pad_value", 0)))
+                extra["regions"] = crop_regions
             if padded != shape:
                 batch = F.pad(batch, (left, right, top, bottom))
             with _amp(device, amp_dtype):
-                features, grid, cls = encoder(batch, method, text_features=text_features if needs_text else None)
+                features, grid, cls = encoder(batch, method, text_features=text_features if needs_text else None,
+                                              **extra)
             if image_cls:
                 cls = torch.stack([image_cls[i] if i in image_cls else c for (i, _), c in zip(chunk, cls.float())])
             if logits_hook is None:

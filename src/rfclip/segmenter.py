@@ -15,6 +15,7 @@ from .errors import RfclipError
 from .inference import (InferenceConfig, autocast_dtype, check_pixel_stats, crops_per_forward, dense_logits,
                         pad_to_patch, padding_multiple, postprocess, preprocess, read_image)
 from .methods import build_method, method_option_names
+from .methods.regions import resize_nearest
 from .text import ClassSpec, TextClassifier, TextQueries
 
 DEFAULT_METHOD = "rfclip"
@@ -40,6 +41,37 @@ class Segmentation:
         """Fraction of the image's pixels given to each class."""
         counts = np.bincount(self.mask.ravel(), minlength=len(self.classes))
         return {name: float(n) / self.mask.size for name, n in zip(self.classes, counts)}
+
+
+def masks_needed_error(method_name: str) -> RfclipError:
+    return RfclipError(f"method {method_name} needs region masks; give --masks SPEC (e.g. --masks npz:DIR) on the "
+                       "command line, or masks= (a mask source, or a region map per image) in Python")
+
+
+def check_mask_source(masks):
+    """``masks`` as a :class:`rfclip.masks.MaskSource` (anything callable as ``source(image, path)``) or None."""
+    if masks is not None and not callable(masks):
+        raise RfclipError(f"masks must be a mask source (e.g. rfclip.masks.NpzMasks(DIR)), got {type(masks).__name__}; "
+                          "pass region maps per image with segment(image, classes, masks=ARRAY)")
+    return masks
+
+
+def region_maps_for(rgb_images, paths, masks=None, source=None) -> list | None:
+    """One int32 (H, W) region map per image: from ``masks`` (arrays, one per image, checked), else from the mask
+    ``source`` (``source(image, path)``), else None."""
+    from .masks import check_region_map
+
+    if masks is not None:
+        masks = [masks] if not isinstance(masks, (list, tuple)) else list(masks)
+        if len(masks) != len(rgb_images):
+            raise RfclipError(f"{len(masks)} region maps for {len(rgb_images)} images; give one map per image")
+        return [check_region_map(m, rgb.shape[:2], name=f"region map of image {i}")
+                for i, (m, rgb) in enumerate(zip(masks, rgb_images))]
+    if source is not None:
+        from .masks import check_region_map as check
+
+        return [check(source(rgb, path), rgb.shape[:2]) for rgb, path in zip(rgb_images, paths)]
+    return None
 
 
 def _checked(cfg: InferenceConfig) -> InferenceConfig:
@@ -77,12 +109,16 @@ class Segmenter:
     weights come from; OpenAI weights use QuickGELU). ``method`` is a registered method name, optionally with plugins
     (``"naclip+fsa"``). Keyword ``options`` go to :class:`rfclip.inference.InferenceConfig` (``slide_crop``,
     ``pamr``, ``prob_thd``, ...) or to the method (e.g. RF-CLIP's ``beta``); unknown names are an error.
+    ``masks``: a :class:`rfclip.masks.MaskSource` giving each image's region map, for methods that need region
+    masks (``corrclip``, ``+masks``); ``segment(..., masks=ARRAY)`` gives one image's map directly.
     """
 
     def __init__(self, model="ViT-B-16", pretrained: str | None = "openai", method: str = DEFAULT_METHOD,
                  plugins: Sequence[str] = (), checkpoint: str | os.PathLike | None = None, device=None,
-                 templates: Sequence[str] | None = None, text_cache=None, quick_gelu: bool | None = None, **options):
+                 templates: Sequence[str] | None = None, text_cache=None, quick_gelu: bool | None = None,
+                 masks=None, **options):
         self.device = resolve_device(device)
+        self.masks = check_mask_source(masks)  # where region maps come from (mask-tier methods), or None
         method_options, config_options = _split_options(method, plugins, options)
         self.config = _checked(InferenceConfig(**config_options))
         self.method_options = method_options  # as given (not the defaults): preset method options never override them
@@ -178,44 +214,68 @@ class Segmenter:
         return self._compiled["encoder"]
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[np.ndarray], text: TextQueries, return_probs: bool = True):
+    def predict(self, images: Sequence[np.ndarray], text: TextQueries, return_probs: bool = True,
+                regions: Sequence | None = None):
         """Segment uint8 RGB arrays with an embedded vocabulary; crops of all images share forwards. An image whose
         resized short side is below one patch is padded to one patch (its last row / column repeated).
+        ``regions``: one integer region map (H, W) per image at its original size, for methods that need masks
+        (nearest-resized with the image, cropped and padded with each window; map correction at the original size).
 
         Returns a list of ``(mask, probs)`` torch tensors at each image's original size.
         """
         cfg = self.config
+        uses_masks = bool(getattr(self.method, "needs_masks", False))
+        if uses_masks and regions is None:
+            raise masks_needed_error(self.method_name)
         if cfg.prob_thd > 0 and cfg.background_class >= text.num_classes:
             raise RfclipError(f"background_class {cfg.background_class} is not one of the {text.num_classes} classes; "
                               f"give an index below {text.num_classes}")
         inputs = [preprocess(img, cfg.short_side, self.device, cfg.pixel_mean, cfg.pixel_std) for img in images]
         padded = [pad_to_patch(x, self.encoder.patch_size) for x in inputs]  # sides below one patch
+        originals = resized = None
+        if uses_masks:
+            originals = [torch.as_tensor(np.asarray(r)).to(self.device, torch.int64) for r in regions]
+            resized = [_resize_region_map(r, x.shape[-2:], p.shape[-2:]) for r, x, p in zip(originals, inputs, padded)]
+        pad_to = padding_multiple(cfg.pad_crops_to, self.encoder.patch_size[0]) or int(
+            getattr(self.method, "crop_multiple", 0))
         logits = dense_logits(self.forward_encoder(), self.method, padded, text, cfg.slide_crop, cfg.slide_stride,
-                              crops_per_forward(cfg.batch_size, self.device), self.amp_dtype,
-                              pad_to=padding_multiple(cfg.pad_crops_to, self.encoder.patch_size[0]))
+                              crops_per_forward(cfg.batch_size, self.device), self.amp_dtype, pad_to=pad_to,
+                              regions=resized)
         logits = [lg[:, :x.shape[-2], :x.shape[-1]] for lg, x in zip(logits, inputs)]  # padding cut off
         del padded
         self._check_finite(logits)
         results = []
         for i, img in enumerate(images):
             lg, logits[i] = logits[i], None  # free each image's logits once it is done (large images)
-            results.append(postprocess(lg, text, cfg, img.shape[:2], guide=inputs[i], return_probs=return_probs))
+            mask, probs = postprocess(lg, text, cfg, img.shape[:2], guide=inputs[i], return_probs=return_probs)
+            correct = getattr(self.method, "correct_map", None)
+            if originals is not None and correct is not None:  # map correction at the original resolution
+                mask = correct(mask, originals[i])
+            results.append((mask, probs))
             inputs[i] = None
         return results
 
     def segment(self, image, classes: str | Sequence[ClassSpec] | TextQueries,
-                return_probs: bool = True) -> Segmentation:
+                return_probs: bool = True, masks=None) -> Segmentation:
         """Segment one image (path, PIL image or H x W x 3 array; see :func:`rfclip.inference.read_image` for
-        16-bit and float inputs) into ``classes``."""
-        return self.segment_batch([image], classes, return_probs=return_probs)[0]
+        16-bit and float inputs) into ``classes``. ``masks``: the image's integer region map (H, W) (0 = not
+        segmented), for methods that need masks; default: from the segmenter's mask source."""
+        return self.segment_batch([image], classes, return_probs=return_probs,
+                                  masks=None if masks is None else [masks])[0]
 
     def segment_batch(self, images: Sequence, classes: str | Sequence[ClassSpec] | TextQueries,
-                      return_probs: bool = True) -> list[Segmentation]:
-        """Segment several images with one vocabulary; their crops are batched together."""
+                      return_probs: bool = True, masks: Sequence | None = None) -> list[Segmentation]:
+        """Segment several images with one vocabulary; their crops are batched together. ``masks``: one region
+        map per image (default: from the segmenter's mask source, for methods that need masks)."""
         text = classes if isinstance(classes, TextQueries) else self.encode_classes(classes)
         loaded = [read_image(im) for im in images]
+        rgbs = [rgb for rgb, _ in loaded]
+        regions = None
+        if getattr(self.method, "needs_masks", False) or masks is not None:
+            paths = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else None for im in images]
+            regions = region_maps_for(rgbs, paths, masks, self.masks)
         out = []
-        results = self.predict([rgb for rgb, _ in loaded], text, return_probs=return_probs)
+        results = self.predict(rgbs, text, return_probs=return_probs, regions=regions)
         for (mask, probs), (_, conversion) in zip(results, loaded):
             out.append(Segmentation(
                 mask=mask.cpu().numpy().astype(np.int64),
@@ -229,3 +289,14 @@ class Segmenter:
     def __repr__(self) -> str:
         return (f"Segmenter(model={self.clip.name!r}, source={self.clip.source!r}, method={self.method_name!r}, "
                 f"device={str(self.device)!r})")
+
+
+def _resize_region_map(region_map: torch.Tensor, size, padded_size) -> torch.Tensor:
+    """A region map at the original size -> the resized image's ``size`` (nearest, as CorrCLIP resizes its masks),
+    then extended to ``padded_size`` by repeating its last row / column (as :func:`pad_to_patch` does the image)."""
+    out = resize_nearest(region_map, tuple(size))
+    if tuple(padded_size) != tuple(size):
+        rows = torch.arange(padded_size[0], device=out.device).clamp(max=out.shape[0] - 1)
+        cols = torch.arange(padded_size[1], device=out.device).clamp(max=out.shape[1] - 1)
+        out = out[rows[:, None], cols[None, :]]
+    return out

@@ -7,6 +7,7 @@ from . import proxyclip  # noqa: F401  (registration)
 from . import fsa  # noqa: F401  (registration of the +fsa plug-in)
 from . import rfclip  # noqa: F401  (registration of rfclip and its presets)
 from . import rfclip_release  # noqa: F401  (registration of rfclip_release)
+from . import corrclip  # noqa: F401  (registration of corrclip)
 
 __all__ = ["METHODS", "PLUGINS", "Method", "build_method", "method_option_names", "method_specs", "parse_method_spec",
            "register_method", "register_plugin"]

@@ -27,6 +27,11 @@ class Method(Hooks):
     name: ClassVar[str] = "clip"
     description: ClassVar[str] = "vanilla CLIP: unmodified last block, patch tokens through ln_post and proj"
     reduced_last_block: ClassVar[bool] = False  # drop the last block's residual and FFN (ClearCLIP's finding)
+    # the mask tier: a method that needs region masks (``masks=`` / ``--masks``) gets each crop's region map in
+    # ``ctx.regions`` (crops padded to multiples of ``crop_multiple`` px, the padding's id ``region_pad_value``)
+    needs_masks: ClassVar[bool] = False
+    crop_multiple: ClassVar[int] = 0
+    region_pad_value: ClassVar[int] = 0
 
     def prepare(self, clip: "ClipModel") -> None:
         """Called once with the loaded model, before any forward (check backbone-specific needs here)."""

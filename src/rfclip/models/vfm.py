@@ -191,6 +191,31 @@ class VisionFoundationModel(nn.Module):
             raise RfclipError(f"VFM {self.name} gave {tokens.shape[1]} patch tokens for a {grid[0]}x{grid[1]} grid")
         return tokens, grid
 
+    @torch.no_grad()
+    def last_query_key(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """CorrCLIP's VFM features of CLIP-normalised crops (B, 3, H, W): the last block's raw ``q + k`` (all heads
+        concatenated, the output of its ``qkv`` projection before any scaling), prefix tokens dropped, L2-normalised.
+        Returns ``(F (B, H*W, c) fp32, grid)``. The blocks before the last run as in :meth:`features`; the last
+        block's attention and MLP are not needed and not run."""
+        if not self._own_positions or not hasattr(self.model.blocks[-1], "attn") \
+                or not hasattr(self.model.blocks[-1].attn, "qkv"):
+            raise RfclipError(f"VFM {self.name} has no last-block q/k projection (blocks[-1].attn.qkv); CorrCLIP needs "
+                              "a timm ViT such as DINO (--vfm dino)")
+        grid = self.grid(images.shape[-2], images.shape[-1])
+        if grid[0] < 1 or grid[1] < 1:
+            raise RfclipError(f"crop of {images.shape[-2]}x{images.shape[-1]} px is smaller than the VFM patch "
+                              f"{self.patch_size[0]}x{self.patch_size[1]}; use larger images or --slide-crop")
+        m = self.model
+        x = self._renormalise(images[..., : grid[0] * self.patch_size[0], : grid[1] * self.patch_size[1]])
+        x = m.norm_pre(m.patch_drop(self._embed(x)))
+        for block in m.blocks[:-1]:
+            x = block(x)
+        last = m.blocks[-1]
+        qkv = last.attn.qkv(last.norm1(x))  # (B, T, 3c): [q | k | v]
+        q, k, _ = qkv.unflatten(-1, (3, -1)).unbind(dim=2)  # (B, T, c) each
+        qk = (q + k)[:, self.num_prefix_tokens:].float()
+        return F.normalize(qk, dim=-1), grid
+
 
 class SamImageEncoder(VisionFoundationModel):
     """SAM's image encoder (timm ``samvit_*``) as a VFM, as ProxyCLIP's code uses it: the ImageNet-normalised crop
