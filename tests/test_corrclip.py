@@ -1,0 +1,235 @@
+"""corrclip: the official CorrCLIP v1 code reproduced, and its region-map steps.
+
+* End to end against an independent restatement of the official code (``corrclip_reference.py``: one window at a
+  time, the whole [MCT, CLS, patches] sequence with a boolean attention mask, region loops, a DBSCAN loop, fp64) on
+  random weights: a ViT-B/16-geometry CLIP (patch 16, native 224, 12 layers; narrow) saved in OpenAI's layout and a
+  DINO-B/8-geometry ViT (patch 8, native 224) saved in DINO's release layout, with the same integer region maps.
+* Each step against its definition; batched equals one crop at a time.
+
+Random weights test mechanics, not accuracy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+import corrclip_reference as ref
+from conftest import make_clip
+from rfclip.errors import RfclipError
+from rfclip.inference import dense_logits, preprocess
+from rfclip.methods import build_method
+from rfclip.methods.regions import (connected_components, merge_regions, region_mode, resize_nearest,
+                                    scope_attention)
+from rfclip.models.loading import load_clip
+from rfclip.models.vfm import VisionFoundationModel, load_state_into, read_state_dict
+from rfclip.segmenter import Segmenter
+from rfclip.text import TextQueries
+
+VITB16 = dict(embed_dim=64, quick_gelu=True,
+              vision_cfg=dict(image_size=224, layers=12, width=64, head_width=32, patch_size=16),
+              text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
+FAST = dict(device="cpu", text_cache=False, templates=["a photo of a {}."])
+DINO_NAME = "vit_base_patch8_224.dino"
+
+
+def tiny_dino(seed):
+    torch.manual_seed(seed)
+    net = VisionTransformer(img_size=224, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0,
+                            dynamic_img_size=True).eval()
+    with torch.no_grad():
+        net.pos_embed.normal_(0, 0.05)  # positions that matter, not so much that no regions merge
+    return net
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(CLIP loaded from an OpenAI-layout file, DINO loaded from a release-layout file, the source modules)."""
+    base = tmp_path_factory.mktemp("corrclip")
+    clip_src = make_clip(VITB16, seed=0)
+    extras = {"input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+              "vocab_size": torch.tensor(49408)}  # OpenAI's release file (fp16 plus these entries)
+    torch.save({**{k: v.half() for k, v in clip_src.model.state_dict().items()}, **extras}, base / "openai_vitb16.pt")
+    clip = load_clip(checkpoint=base / "openai_vitb16.pt", device="cpu", quick_gelu=True)
+    dino_src = tiny_dino(1)
+    torch.save(dino_src.state_dict(), base / "dino_vitbase8_pretrain.pth")  # DINO's release keys, no wrapper
+    net = tiny_dino(2)  # other weights: the file must replace them
+    load_state_into(net, read_state_dict(base / "dino_vitbase8_pretrain.pth"), DINO_NAME, "dino")
+    vfm = VisionFoundationModel(net, name=DINO_NAME)
+    return clip, vfm, dino_src
+
+
+def vocabulary(dim=64, seed=0):
+    """5 queries, 4 classes: the background has two synonyms first (the official code's assumption)."""
+    g = torch.Generator().manual_seed(seed)
+    feats = F.normalize(torch.randn(5, dim, generator=g), dim=-1)
+    synonyms = [["bg", "bg2"], ["a"], ["b"], ["c"]]
+    return TextQueries(feats, torch.tensor([0, 0, 1, 2, 3]), [s[0] for s in synonyms], synonyms)
+
+
+def image(size, seed=0, flat_left=True):
+    img = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    if flat_left:  # a flat half gives regions with near-identical DINO features (they merge)
+        img[:, : size[1] // 2] = (120, 130, 110)
+    return img
+
+
+def blocks_map(size, step, start=1, zero_rows=0):
+    m = np.zeros(size, dtype=np.int32)
+    k = start
+    for i in range(0, size[0], step):
+        for j in range(0, size[1], step):
+            m[i:i + step, j:j + step] = k
+            k += 1
+    m[:zero_rows] = 0
+    return m
+
+
+CASES = {  # name: (image size, crop, stride, region map, expect merging)
+    "window224": ((224, 224), 224, 112, lambda s: blocks_map(s, 56, zero_rows=20), True),
+    "input336": ((336, 336), 336, 112, lambda s: blocks_map(s, 84, zero_rows=30), True),
+    "slide-padded": ((200, 260), 150, 100, lambda s: blocks_map(s, 64, zero_rows=16), True),
+    "no-zero": ((224, 224), 224, 112, lambda s: blocks_map(s, 56, start=3), True),
+    "few-regions": ((224, 224), 224, 112, lambda s: np.where(blocks_map(s, 112) > 2, 5, 0).astype(np.int32), False),
+}
+
+
+def seg_for(models, crop, stride, **options):
+    clip, vfm, _ = models
+    return Segmenter(clip, method="corrclip", vfm=vfm, short_side=None, slide_crop=crop, slide_stride=stride,
+                     **options, **FAST)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_official_code(models, case):
+    size, crop, stride, make_map, merges = CASES[case]
+    clip, vfm, dino_src = models
+    img, regions = image(size), make_map(size)
+    text = vocabulary()
+    seg = seg_for(models, crop, stride)
+    (mask, probs), = seg.predict([img], text, regions=[regions])
+    visual = clip.model.visual
+    with torch.no_grad():
+        want_probs, want_mask = ref.corrclip_predict(
+            _double(visual), _double(dino_src), preprocess(img, None).double(), torch.from_numpy(regions).long(),
+            text.features.double(), text.num_classes, crop=crop, stride=stride)
+    diff = (probs.double() - want_probs).abs().max().item()
+    print(f"\n{case}: max |p - p_official| = {diff:.2e}")
+    assert diff < 1e-4
+    assert torch.equal(mask, want_mask)
+    # the case exercises what it names
+    x = preprocess(img, None)[None, :, :crop, :crop]
+    feats, grid = vfm.last_query_key(x)
+    vmap = resize_nearest(torch.from_numpy(regions).long()[:crop, :crop], grid).reshape(-1)
+    merged = merge_regions(vmap, feats[0])
+    assert (torch.unique(merged).numel() < torch.unique(vmap).numel()) == merges
+    assert not torch.equal(mask, want_probs.argmax(0)) or case == "few-regions"  # map correction changed labels
+
+
+def _double(module):
+    import copy
+
+    return copy.deepcopy(module).double()
+
+
+def test_map_correction_off_and_weights(models):
+    size, crop, stride, make_map, _ = CASES["window224"]
+    img, regions = image(size), make_map(size)
+    text = vocabulary()
+    (mask, probs), = seg_for(models, crop, stride, map_correction=False).predict([img], text, regions=[regions])
+    assert torch.equal(mask, probs.argmax(0))
+    (_, p2), = seg_for(models, crop, stride, semantic_weight=0.0, spatial_weight=0.0).predict(
+        [img], text, regions=[regions])
+    assert (p2 - probs).abs().max() > 1e-3
+
+
+# ============================================================================================ batching
+def test_batched_equals_one_crop_at_a_time(models):
+    clip, vfm, _ = models
+    text = vocabulary()
+    images = [image((200, 260), 0), image((150, 170), 1, flat_left=False)]
+    regions = [blocks_map((200, 260), 64, zero_rows=16), blocks_map((150, 170), 40, start=2)]
+    seg = seg_for(models, 150, 100)
+    x = [preprocess(im, None) for im in images]
+    r = [torch.from_numpy(m).long() for m in regions]
+    batched = dense_logits(seg.encoder, seg.method, x, text, 150, 100, batch_size=8, pad_to=56, regions=r)
+    single = dense_logits(seg.encoder, seg.method, x, text, 150, 100, batch_size=1, pad_to=56, regions=r)
+    for a, b in zip(batched, single):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    out = seg.segment_batch(images, "a;b;c", masks=regions)
+    assert [o.mask.shape for o in out] == [(200, 260), (150, 170)]
+
+
+# ============================================================================================ steps
+def test_connected_components_is_dbscan_with_one_sample():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n = int(torch.randint(1, 25, (1,), generator=g))
+        pts = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        feats = F.normalize(pts, dim=-1)
+        sim = feats @ feats.T
+        dist = sim.max() - sim
+        eps = 0.2 + 0.3 * float(torch.rand(1, generator=g))
+        got = connected_components(dist <= eps)
+        want = ref.dbscan_min1(dist, eps)
+        assert torch.equal(got, want), trial
+        try:
+            from sklearn.cluster import DBSCAN
+        except ImportError:  # pragma: no cover
+            continue
+        sk = DBSCAN(metric="precomputed", eps=eps, min_samples=1).fit_predict(dist.numpy())
+        assert torch.equal(got, torch.from_numpy(sk).long()), trial
+
+
+def test_scope_attention_against_the_region_loop():
+    g = torch.Generator().manual_seed(0)
+    feats = F.normalize(torch.randn(2, 30, 8, generator=g), dim=-1)
+    maps = torch.randint(0, 4, (2, 30), generator=g) * 3 + torch.tensor([[0], [5]])  # the second has no 0
+    got = scope_attention(feats, maps)[:, 0]
+    for b in range(2):
+        sim = feats[b] @ feats[b].T
+        regions = [maps[b] == v for v in torch.unique(maps[b])]
+        allowed = torch.zeros_like(sim, dtype=torch.bool)
+        for r in regions[1:]:
+            allowed |= torch.outer(r, r)
+        allowed |= (regions[0][None] | regions[0][:, None]) & (sim > sim.mean())
+        want = (sim.masked_fill(~allowed, float("-inf")) * 4).softmax(-1)
+        torch.testing.assert_close(got[b], want)
+
+
+def test_region_mode_against_torch_mode():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (40, 50), generator=g)
+    for start in (0, 4):
+        regions = torch.randint(start, start + 6, (40, 50), generator=g)
+        want = labels.clone()
+        for v in torch.unique(regions)[1:]:
+            want[regions == v] = torch.mode(labels[regions == v])[0]
+        assert torch.equal(region_mode(labels, regions), want)
+    corrected = region_mode(labels, regions, rule="zero")  # no 0: every region corrected
+    assert all(torch.unique(corrected[regions == v]).numel() == 1 for v in torch.unique(regions))
+
+
+def test_resize_nearest_is_interpolate_nearest():
+    m = torch.randint(0, 50, (1, 37, 53))
+    for size in ((10, 13), (74, 106), (37, 53), (50, 20)):
+        want = F.interpolate(m[None].float(), size=size, mode="nearest")[0].long()
+        assert torch.equal(resize_nearest(m, size), want)
+    big = torch.full((4, 4), 2**30 + 1)  # ids a float round trip would change
+    assert torch.equal(resize_nearest(big, (8, 8)), torch.full((8, 8), 2**30 + 1))
+
+
+def test_needs_masks_one_line_error(models):
+    seg = seg_for(models, 224, 112)
+    with pytest.raises(RfclipError) as err:
+        seg.segment(image((64, 64)), "a;b")
+    assert "\n" not in str(err.value) and "--masks" in str(err.value) and "masks=" in str(err.value)
+    with pytest.raises(RfclipError, match="image is 64x64"):
+        seg.segment(image((64, 64)), "a;b", masks=np.zeros((32, 64), np.int32))
+    with pytest.raises(RfclipError, match="dtype"):
+        seg.segment(image((64, 64)), "a;b", masks=np.zeros((64, 64), np.float32))
+    with pytest.raises(RfclipError, match="unsegmented"):
+        build_method("corrclip", unsegmented="none")
