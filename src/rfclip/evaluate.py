@@ -196,7 +196,7 @@ DEFAULT_LOADER_WORKERS = {"cuda": 4, "cpu": 0}
 
 def evaluate(segmenter, dataset, limit: int | None = None, num_workers: int | None = None, images_per_batch: int = 4,
              progress: bool = True, out: str | os.PathLike | None = None,
-             overrides: Mapping[str, Any] | None = None) -> dict:
+             overrides: Mapping[str, Any] | None = None, masks=None) -> dict:
     """mIoU of ``segmenter`` on ``dataset`` (a :class:`~rfclip.data.SegDataset`).
 
     Args:
@@ -210,6 +210,8 @@ def evaluate(segmenter, dataset, limit: int | None = None, num_workers: int | No
         out: write ``out`` (JSON) and the per-class CSV next to it (same name, ``.csv``); a folder gets
             ``results.json`` and ``results.csv``. Written by rank 0 only, atomically.
         overrides: InferenceConfig fields that take precedence over the dataset's settings.
+        masks: a :class:`rfclip.masks.MaskSource` for methods that need region masks (saved ``.npz`` maps are found
+            by each image's file name); default: the segmenter's own ``masks``. Ignored by methods without masks.
 
     Returns:
         ``dict`` with ``miou``, ``aacc``, ``macc`` (%), per-class ``iou`` / ``acc`` lists (NaN for classes absent
@@ -234,6 +236,12 @@ def evaluate(segmenter, dataset, limit: int | None = None, num_workers: int | No
     if num_workers is None:
         num_workers = DEFAULT_LOADER_WORKERS.get(seg.device.type, 4)
     text = seg.encode_classes(dataset.classes)
+    from .segmenter import check_mask_source, masks_needed_error, region_maps_for
+
+    masks = check_mask_source(masks) if masks is not None else getattr(seg, "masks", None)
+    uses_masks = bool(getattr(seg.method, "needs_masks", False))
+    if uses_masks and masks is None:
+        raise masks_needed_error(seg.method_name)
     if text.num_classes != dataset.num_classes:
         raise RfclipError(f"{dataset.name}: {text.num_classes} class names for {dataset.num_classes} classes")
 
@@ -251,7 +259,12 @@ def evaluate(segmenter, dataset, limit: int | None = None, num_workers: int | No
     start = time.perf_counter()
     try:
         for batch in loader:
-            predictions = seg.predict([item["image"] for item in batch], text, return_probs=False)
+            images = [item["image"] for item in batch]
+            regions = None
+            if uses_masks:  # each image's region map, by its file (saved maps) or from its pixels (generators)
+                paths = [str(dataset.samples[item["index"]][0]) for item in batch]
+                regions = region_maps_for(images, paths, source=masks)
+            predictions = seg.predict(images, text, return_probs=False, regions=regions)
             for item, (mask, _) in zip(batch, predictions):
                 accumulator.update(mask, torch.from_numpy(item["label"]))
             bar.update(len(batch))
@@ -294,6 +307,7 @@ def evaluate(segmenter, dataset, limit: int | None = None, num_workers: int | No
         "settings": dataclasses.asdict(seg.config),
         "method": seg.method_name,
         "method_options": seg.method.options(),
+        "masks": masks.describe() if uses_masks and hasattr(masks, "describe") else None,
         "preset_method_options": preset_method_options(segmenter, dataset)[0],
         "model": seg.clip.describe(),
         "device": str(seg.device),

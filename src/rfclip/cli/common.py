@@ -317,6 +317,29 @@ def build_segmenter(args: argparse.Namespace, **overrides):
     options.update(overrides)
     seg = Segmenter(args.model, args.pretrained, method=args.method, plugins=tuple(args.plugin or ()),
                     checkpoint=args.checkpoint, device=args.device, quick_gelu=getattr(args, "quick_gelu", None),
-                    **options)
+                    masks=masks_from_args(args), **options)
     reuse_cpu_memory_from_env(seg.device)  # the command line owns its process: keep large CPU buffers for reuse
     return seg
+
+
+def add_masks_option(parser) -> None:
+    """``--masks SPEC``: where region masks come from, for methods that need them (corrclip, +masks)."""
+    parser.add_argument("--masks", metavar="SPEC", default=None,
+                        help="region masks for methods that need them (corrclip, +masks): npz:DIR = saved CorrCLIP "
+                             ".npz maps, one per image file name")
+
+
+def masks_from_args(args: argparse.Namespace):
+    """The mask source ``--masks SPEC`` names (``rfclip.masks.mask_source`` where it exists), or None."""
+    spec = getattr(args, "masks", None)
+    if spec is None:
+        return None
+    from .. import masks as masks_mod
+
+    parse = getattr(masks_mod, "mask_source", None)
+    if parse is not None:
+        return parse(spec)
+    kind, _, rest = str(spec).partition(":")
+    if kind != "npz" or not rest:
+        raise RfclipError(f"unknown --masks {spec!r}; give npz:DIR (a folder of saved .npz region maps)")
+    return masks_mod.NpzMasks(rest)

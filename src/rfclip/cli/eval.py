@@ -127,6 +127,7 @@ def _add_eval_options(p: argparse.ArgumentParser, presets) -> None:
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no table; print only the summary")
     common.add_model_options(p)
     common.add_method_options(p, from_preset=True)
+    common.add_masks_option(p)
     common.add_inference_options(p)
 
 

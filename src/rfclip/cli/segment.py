@@ -64,6 +64,7 @@ def add_parser(subparsers) -> None:
     io.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     common.add_model_options(p)
     common.add_method_options(p)
+    common.add_masks_option(p)
     common.add_inference_options(p)
 
 
@@ -200,7 +201,13 @@ def segment_images(args, segmenter, text, images: list[Path], out: Path) -> tupl
                     bar.update(1)
             if not loaded:
                 continue
-            results = segmenter.segment_batch([arr for _, arr, _ in loaded], text, return_probs=False)
+            regions = None
+            if getattr(segmenter.method, "needs_masks", False) and getattr(segmenter, "masks", None) is not None:
+                from ..segmenter import region_maps_for  # saved maps are found by each image's file name
+
+                regions = region_maps_for([arr for _, arr, _ in loaded], [str(p) for p, _, _ in loaded],
+                                          source=segmenter.masks)
+            results = segmenter.segment_batch([arr for _, arr, _ in loaded], text, return_probs=False, masks=regions)
             seconds = (time.perf_counter() - t0) / len(loaded)
             for (path, arr, conversion), seg in zip(loaded, results):
                 files = output_paths(out, path)
