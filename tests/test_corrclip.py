@@ -233,3 +233,93 @@ def test_needs_masks_one_line_error(models):
         seg.segment(image((64, 64)), "a;b", masks=np.zeros((64, 64), np.float32))
     with pytest.raises(RfclipError, match="unsegmented"):
         build_method("corrclip", unsegmented="none")
+
+
+# ============================================================================================ preset and command line
+def test_preset_table():
+    from rfclip.data import load_classnames
+    from rfclip.data.settings import get_settings, preset_method, preset_model
+
+    assert preset_method("corrclip") == "corrclip"
+    assert preset_model("corrclip") == ("ViT-B-16-quickgelu", "metaclip_fullcc")
+    want = {"voc21": (336, 336, 0.2), "context60": (336, 336, 0.15), "coco_object": (336, 336, 0.25),
+            "voc20": (336, 336, 0.0), "context59": (336, 336, 0.0), "coco_stuff": (336, 336, 0.0),
+            "ade20k": (448, 336, 0.0), "cityscapes": (448, 224, 0.0)}
+    for name, (short, crop, thd) in want.items():
+        s = get_settings(name, "corrclip")
+        assert (s.short_side, s.slide_crop, s.slide_stride, s.logit_scale, s.prob_thd) == (short, crop, 112, 40.0, thd)
+        assert s.pad_crops_to == 56 and s.classnames == "corrclip"
+    voc21 = load_classnames("voc21", "corrclip")
+    assert len(voc21) == 21 and len(voc21[0]) == 26 and voc21[15] == ["people"]
+    assert all(len(c) == 1 for c in voc21[1:])  # synonyms on the background only (the code's merge assumes it)
+
+
+def test_eval_all_table_has_the_corrclip_rows():
+    from rfclip.constants import PAPER_COLUMNS, PAPER_CORRCLIP_MIOU
+    from rfclip.evaluate import summary_markdown
+    from test_evaluate import _fake_result
+
+    results = {}
+    for i, name in enumerate(PAPER_COLUMNS):
+        r = _fake_result(name, 40.0 + i, "ViT-B-16-quickgelu", False)
+        r.update(method="corrclip", preset="corrclip")
+        results[name] = r
+    rows = [line for line in summary_markdown(results).splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| ours (corrclip, corrclip preset) |")
+    for line, masks in zip(rows[2:4], ("SAM2_32", "EntitySeg")):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == f"paper (CorrCLIP, {masks} masks)"
+        assert cells[1:9] == [f"{v:.1f}" for v in PAPER_CORRCLIP_MIOU[("ViT-B", masks)]]
+    assert cells[9] == "52.4"  # the README's EntitySeg average
+    assert "paper (RF-CLIP)" not in "\n".join(rows)
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    import timm
+
+    from test_evaluate import EVAL_CFG, make_voc2012, save_open_clip_folder
+
+    base = tmp_path_factory.mktemp("corrclip_eval")
+    root = base / "data" / "VOCdevkit" / "VOC2012"
+    names = make_voc2012(root, num_images=2)
+    masks = base / "masks"
+    masks.mkdir()
+    for i, name in enumerate(names):
+        m = blocks_map((48, 64), 16, zero_rows=8 * i)
+        np.savez_compressed(masks / f"{name}.npz", instance_mask=m)
+    torch.manual_seed(0)
+    dino = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0)
+    torch.save(dino.state_dict(), base / "dino_deitsmall8_pretrain.pth")  # DINO's release layout
+    return {"root": root, "ckpt": save_open_clip_folder(base / "ckpt", EVAL_CFG), "masks": masks,
+            "dino": base / "dino_deitsmall8_pretrain.pth", "cache": base / "cache", "names": names}
+
+
+def test_cli_eval_preset_and_segment_with_saved_masks(voc, tmp_path, capsys, monkeypatch):
+    import json
+
+    from rfclip.cli import main
+
+    monkeypatch.setenv("RFCLIP_CACHE", str(voc["cache"]))
+    common = ["--checkpoint", str(voc["ckpt"]), "--device", "cpu", "--vfm", "vit_small_patch8_224.dino",
+              "--vfm-checkpoint", str(voc["dino"])]
+    out = tmp_path / "voc21.json"
+    code = main(["eval", "--dataset", "voc21", "--root", str(voc["root"]), "--preset", "corrclip", "--masks",
+                 f"npz:{voc['masks']}", "--out", str(out), "-q", "--num-workers", "0", "--short-side", "64", *common])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["method"] == "corrclip" and doc["meta"]["settings"]["prob_thd"] == 0.2
+    # without masks: one line, exit status 2, nothing written
+    code = main(["eval", "--dataset", "voc21", "--root", str(voc["root"]), "--preset", "corrclip", "--out",
+                 str(tmp_path / "none.json"), "-q", "--num-workers", "0", *common])
+    err = capsys.readouterr().err
+    assert code == 2 and "--masks" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "none.json").exists()
+    image = voc["root"] / "JPEGImages" / f"{voc['names'][1]}.jpg"
+    code = main(["segment", str(image), "--classes", "road;car;sky", "--method", "corrclip", "--masks",
+                 f"npz:{voc['masks']}", "--out", str(tmp_path / "seg"), "--short-side", "64", "-q", *common])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    record = json.loads((tmp_path / "seg" / f"{image.stem}.json").read_text())
+    assert record["method"] == "corrclip"

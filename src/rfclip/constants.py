@@ -138,3 +138,10 @@ PAPER_CORRCLIP_AVG = {
     "ViT-B": {"sam2_32": 51.0, "sam2_8": 50.4, "mask2former": 50.3, "eomt": 52.3, "entityseg": 52.4},
     "ViT-L": {"sam2_32": 53.6, "sam2_8": 52.9, "mask2former": 52.7, "eomt": 54.9, "entityseg": 55.4},
 }
+# CorrCLIPv1/README.md per-dataset mIoU in PAPER_COLUMNS order (VOC21, PC60, Object, VOC20, PC59, Stuff, City, ADE)
+PAPER_CORRCLIP_MIOU = {
+    ("ViT-B", "SAM2_32"): (74.8, 44.2, 43.7, 88.8, 48.8, 31.6, 49.4, 26.9),
+    ("ViT-B", "EntitySeg"): (76.2, 45.7, 44.5, 89.6, 50.7, 32.4, 51.6, 28.6),
+    ("ViT-L", "SAM2_32"): (76.7, 44.9, 49.4, 91.5, 50.8, 34.0, 51.1, 30.7),
+    ("ViT-L", "EntitySeg"): (78.9, 46.8, 51.0, 92.0, 53.0, 34.9, 53.7, 32.6),
+}

@@ -378,6 +378,15 @@ def paper_rfclip_row(model_name: str | None, pamr: bool) -> tuple[float, ...] | 
     return PAPER_RFCLIP_MIOU.get((str(model_name), bool(pamr)))
 
 
+def paper_corrclip_rows(model_name: str | None) -> list[tuple[str, tuple[float, ...]]]:
+    """The CorrCLIP v1 README rows (SAM2_32 and EntitySeg masks) for a ViT-B/16 or ViT-L/14 model, or []."""
+    from .constants import PAPER_CORRCLIP_MIOU
+
+    name = str(model_name)
+    size = "ViT-B" if name.startswith("ViT-B-16") else "ViT-L" if name.startswith("ViT-L-14") else None
+    return [(f"paper (CorrCLIP, {masks} masks)", row) for (s, masks), row in PAPER_CORRCLIP_MIOU.items() if s == size]
+
+
 def _cell(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
@@ -406,14 +415,16 @@ def summary_markdown(results: Mapping[str, dict], missing: Mapping[str, str] | N
     ours_avg = sum(results[n]["miou"] for n in done) / len(done)
     label = f"ours ({method}{', PAMR' if pamr else ''}, {preset} preset)"
     rows = [[label] + [_cell(v) for v in ours] + [_cell(ours_avg)]]
-    paper = paper_rfclip_row(model.get("name"), pamr)
-    if paper is not None:
-        paper_by_name = dict(zip(PAPER_COLUMNS, paper))
+    corrclip = str(method).split("+")[0] == "corrclip"
+    paper = None if corrclip else paper_rfclip_row(model.get("name"), pamr)
+    papers = paper_corrclip_rows(model.get("name")) if corrclip else (
+        [("paper (RF-CLIP" + (" + PAMR" if pamr else "") + ")", paper)] if paper is not None else [])
+    for paper_label, paper_row in papers:
+        paper_by_name = dict(zip(PAPER_COLUMNS, paper_row))
         paper_cells = [paper_by_name.get(n) for n in columns]
         paper_done = [paper_by_name[n] for n in done if n in paper_by_name]
         paper_avg = sum(paper_done) / len(paper_done) if paper_done else None
-        rows.append(["paper (RF-CLIP" + (" + PAMR" if pamr else "") + ")"] + [_cell(v) for v in paper_cells]
-                    + [_cell(paper_avg)])
+        rows.append([paper_label] + [_cell(v) for v in paper_cells] + [_cell(paper_avg)])
     header = ["mIoU (%)"] + [DATASETS[n].title if n in DATASETS else n for n in columns] + ["Avg"]
 
     lines = ["# rfclip benchmark results", ""]
@@ -433,6 +444,9 @@ def summary_markdown(results: Mapping[str, dict], missing: Mapping[str, str] | N
     if limited:
         lines.append(f"- only the first {first['limit']} images of each dataset were evaluated (--limit): "
                      "not comparable to the paper")
+    if corrclip and papers:
+        lines.append(f"- 'paper (CorrCLIP, ...)': the CorrCLIP v1 README rows for {model.get('name')} with SAM2 "
+                     "(32 points per side) and EntitySeg masks, for comparison")
     if paper is not None:
         lines.append(f"- 'paper (RF-CLIP)': the RF-CLIP paper's Table 2 row for {model.get('name')}"
                      f"{' with PAMR' if pamr else ''}, for comparison")

@@ -200,6 +200,12 @@ def _check_preset_method(args, datasets) -> None:
     from ..methods import method_option_names
 
     args.method = common.resolve_method(args)
+    from ..data.settings import preset_model
+
+    model = preset_model(args.preset)  # the preset's model (corrclip: MetaCLIP B/16) unless the user names one
+    if model is not None and (args.model, args.pretrained) == (common.DEFAULT_MODEL, common.DEFAULT_PRETRAINED) \
+            and not args.checkpoint:
+        args.model, args.pretrained = model
     taken = method_option_names(args.method, args.plugin or ())  # an unknown method fails here, before loading
     options = sorted({k for d in datasets for k in d.settings.method_options})
     left = [k for k in options if k not in taken]

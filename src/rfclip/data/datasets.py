@@ -92,7 +92,7 @@ DATASETS: dict[str, DatasetSpec] = {
 # default set (FSA's / ProxyCLIP's files differ from SCLIP/NACLIP's only for VOC21, VOC20 and COCO-Object; ClearCLIP's
 # public VOC21 file has a "background" class and no synonyms, its parser splits on ",").
 CLASSNAME_SETS = {"default": ("classnames", ", "), "fsa": ("classnames_fsa", "; "),
-                  "clearclip": ("classnames_clearclip", ",")}
+                  "clearclip": ("classnames_clearclip", ","), "corrclip": ("classnames_corrclip", "; ")}
 
 
 # ------------------------------------------------------------------------------------------------ class names

@@ -21,6 +21,9 @@ the settings common to all its datasets. ``register_preset`` adds one more (see 
   Context60 / COCO-Object, PAMR off, and per-dataset options of the ``rfclip_release`` method (the preset's
   method): ``global_semantics_weight``, ``mean_vector_weight``, ``h_threshold``, and the crop's own [CLS] on
   Cityscapes (``cls_source="crop"``).
+* ``corrclip``: CorrCLIP v1's configs (zdk258/CorrCLIP, method ``corrclip``, needs region masks): 336/112 windows
+  (Cityscapes 224/112), short side 336 (448 ADE20K and Cityscapes), ``prob_thd`` 0.2 / 0.15 / 0.25, crops padded to
+  56, its class-name files, and MetaCLIP ``ViT-B-16-quickgelu`` / ``metaclip_fullcc`` when no model is named.
 
 Every preset normalises images with the constants of its repository's mmseg ``SegDataPreProcessor``: CLIP's mean and
 std x 255 rounded to 3 decimals (``constants.MMSEG_CLIP_MEAN`` / ``MMSEG_CLIP_STD``); outside the presets rfclip uses
@@ -124,6 +127,7 @@ class Preset:
     source: str
     settings: Mapping[str, EvalSettings]
     method: str | None = None  # the method this protocol belongs to (`rfclip eval --preset` without --method)
+    model: tuple[str, str] | None = None  # (open_clip name, pretrained tag) used when the user names no model
 
 
 # Columns of the preset tables; a row may add a dict of other EvalSettings fields (SCLIP's area_thd).
@@ -149,13 +153,13 @@ PRESET_INFO: dict[str, Preset] = {}
 
 
 def register_preset(name: str, description: str, source: str, settings: Mapping[str, EvalSettings],
-                    method: str | None = None) -> Preset:
+                    method: str | None = None, model: tuple[str, str] | None = None) -> Preset:
     """Add a preset (``rfclip eval --preset NAME``); a name already taken is replaced, with a warning. ``method``:
     the method the preset's ``method_options`` belong to, used when ``--method`` is not given."""
     key = str(name).strip().lower()
     if key in PRESETS:
         warnings.warn(f"settings preset '{key}' is registered again; the new table replaces the old one", stacklevel=2)
-    preset = Preset(key, description, source, dict(settings), method)
+    preset = Preset(key, description, source, dict(settings), method, model)
     PRESET_INFO[key] = preset
     PRESETS[key] = dict(preset.settings)
     return preset
@@ -276,6 +280,34 @@ register_preset("rfclip_release", "the released RF-CLIP code's configs (method r
                 "mean_vector_weight / h_threshold, crop [CLS] on Cityscapes",
                 "liblacklucy/RF-CLIP c2b333e configs/cfg_*.py, custom_segmentor.py, eval.py",
                 preset_settings(_release_rows(), **MMSEG_NORMALISATION), method="rfclip_release")
+
+
+# CorrCLIP v1's configs (zdk258/CorrCLIP 103bc18 CorrCLIPv1/configs/cfg_*.py, corrclip_segmentor.py): Resize(scale=
+# (2048, 336)), 448 on ADE20K and Cityscapes; the segmentor's slide 336/112 (Cityscapes 224/112), logit scale 40,
+# prob_thd 0.2 / 0.15 / 0.25 on VOC21 / Context60 / COCO-Object; crops padded to multiples of 56 (the method's own);
+# its class-name files; MetaCLIP ViT-B-16-quickgelu / metaclip_fullcc (base_config.py) as the model.
+#                short  crop stride logit prob_thd
+_CORRCLIP_ROWS = {
+    "voc21":       (336, 336, 112, 40.0, 0.2),
+    "voc20":       (336, 336, 112, 40.0, 0.0),
+    "context60":   (336, 336, 112, 40.0, 0.15),
+    "context59":   (336, 336, 112, 40.0, 0.0),
+    "coco_stuff":  (336, 336, 112, 40.0, 0.0),
+    "coco_object": (336, 336, 112, 40.0, 0.25),
+    "ade20k":      (448, 336, 112, 40.0, 0.0),
+    "cityscapes":  (448, 224, 112, 40.0, 0.0),
+}
+register_preset("corrclip", "CorrCLIP v1's configs (method corrclip, needs --masks): slide 336/112, short side 336 "
+                "(448 ADE20K and Cityscapes, 224/112 windows there), prob_thd 0.2/0.15/0.25, crops padded to 56, its "
+                "class-name files, MetaCLIP ViT-B-16-quickgelu / metaclip_fullcc unless a model is named",
+                "zdk258/CorrCLIP 103bc18 CorrCLIPv1/configs/cfg_*.py, base_config.py, corrclip_segmentor.py",
+                preset_settings(_CORRCLIP_ROWS, classnames="corrclip", pad_crops_to=56, **MMSEG_NORMALISATION),
+                method="corrclip", model=("ViT-B-16-quickgelu", "metaclip_fullcc"))
+
+
+def preset_model(preset: str) -> tuple[str, str] | None:
+    """The (model, pretrained) a preset runs when the user names no model (``corrclip``: MetaCLIP B/16), or None."""
+    return PRESET_INFO[check_preset(preset)].model
 
 
 def preset_method(preset: str) -> str | None:
