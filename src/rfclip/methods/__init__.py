@@ -8,6 +8,7 @@ from . import fsa  # noqa: F401  (registration of the +fsa plug-in)
 from . import rfclip  # noqa: F401  (registration of rfclip and its presets)
 from . import rfclip_release  # noqa: F401  (registration of rfclip_release)
 from . import corrclip  # noqa: F401  (registration of corrclip)
+from . import region_masks  # noqa: F401  (registration of the +masks plug-in)
 
 __all__ = ["METHODS", "PLUGINS", "Method", "build_method", "method_option_names", "method_specs", "parse_method_spec",
            "register_method", "register_plugin"]
