@@ -102,3 +102,10 @@ def test_plugin_needs_masks(tiny_clip):
     seg = segmenter(tiny_clip, "naclip+masks")
     with pytest.raises(RfclipError, match="--masks"):
         seg.segment(image_and_regions()[0], "a;b")
+
+
+def test_demo_offers_mask_methods_only_with_masks():
+    from rfclip.demo.engine import method_choices
+
+    assert not {"corrclip", "naclip+masks"} & set(method_choices())
+    assert {"corrclip", "naclip+masks", "rfclip_release+masks"} <= set(method_choices(with_masks=True))

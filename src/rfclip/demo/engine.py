@@ -48,11 +48,13 @@ def _no_progress(fraction: float, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- choices
-def method_choices() -> list[str]:
-    """Every registered method, then each with every plug-in that can wrap it (``naclip+fsa``)."""
+def method_choices(with_masks: bool = False) -> list[str]:
+    """Every registered method, then each with every plug-in that can wrap it (``naclip+fsa``); the methods that
+    need region masks (``corrclip``, ``+masks``) only ``with_masks`` (a mask source is given)."""
     from ..methods import method_specs
+    from ..methods.base import spec_needs_masks
 
-    return method_specs()
+    return [s for s in method_specs() if with_masks or not spec_needs_masks(s)]
 
 
 def inside_choices() -> list[str]:

@@ -98,6 +98,14 @@ def method_specs() -> list[str]:
     return names + [f"{m}+{p}" for p in sorted(PLUGINS) for m in names if plugin_accepts(p, METHODS[m])]
 
 
+def spec_needs_masks(spec: str) -> bool:
+    """Whether a method spec (``corrclip``, ``naclip+masks``) needs region masks (``--masks`` / ``masks=``)."""
+    base, extra = parse_method_spec(spec)
+    _check_names(base, extra)
+    return bool(getattr(METHODS[base], "needs_masks", False)) or any(
+        getattr(PLUGINS[p], "needs_masks", False) for p in extra)
+
+
 def _option_names(cls) -> set[str]:
     """A method's option names: its dataclass fields (a plugin's ``base`` field is the wrapped method, not an option)."""
     if not dataclasses.is_dataclass(cls):
