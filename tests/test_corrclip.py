@@ -129,6 +129,39 @@ def test_equals_official_code(models, case):
     assert not torch.equal(mask, want_probs.argmax(0)) or case == "few-regions"  # map correction changed labels
 
 
+def test_vitl14_geometry_and_the_real_dino_b8(tmp_path):
+    """ViT-L/14 geometry (patch 14, 24 layers: NUM_SPATIAL 12) with the full DINO ViT-B/8 architecture, loaded by
+    name from a file in DINO's release layout: a 112 window (CLIP grid 8, DINO grid 14: both positions interpolated)
+    against the official code."""
+    import timm
+
+    from rfclip.methods.corrclip import num_spatial
+    from rfclip.models.vfm import load_vfm
+
+    assert (num_spatial(12), num_spatial(24), num_spatial(32), num_spatial(6)) == (5, 12, 28, 2)
+    cfg = dict(embed_dim=64, quick_gelu=True,
+               vision_cfg=dict(image_size=224, layers=24, width=64, head_width=32, patch_size=14),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
+    clip = make_clip(cfg, seed=1)
+    torch.manual_seed(0)
+    src = timm.create_model("vit_base_patch8_224", pretrained=False, num_classes=0).eval()
+    path = tmp_path / "dino_vitbase8_pretrain.pth"
+    torch.save(src.state_dict(), path)
+    vfm = load_vfm("dino", checkpoint=path)
+    img, regions = image((112, 112)), blocks_map((112, 112), 28, zero_rows=10)
+    text = vocabulary()
+    seg = Segmenter(clip, method="corrclip", vfm=vfm, short_side=None, slide_crop=112, slide_stride=112, **FAST)
+    (mask, probs), = seg.predict([img], text, regions=[regions])
+    with torch.no_grad():
+        want_probs, want_mask = ref.corrclip_predict(
+            _double(clip.model.visual), _double(src), preprocess(img, None).double(),
+            torch.from_numpy(regions).long(), text.features.double(), text.num_classes, crop=112, stride=112)
+    diff = (probs.double() - want_probs).abs().max().item()
+    print(f"\nViT-L/14 geometry + DINO B/8: max |p - p_official| = {diff:.2e}")
+    assert diff < 1e-4
+    assert torch.equal(mask, want_mask)
+
+
 def _double(module):
     import copy
 
