@@ -64,8 +64,10 @@ def interpolate_pos(pos, gh, gw, cls=True):
 
 def dino_qk(dino, crop):
     """DINO's get_intermediate_layers with the qkv hook: q + k of the last block, CLS dropped, normalised."""
-    raw = crop * torch.tensor(CLIP_STD, dtype=crop.dtype).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN, dtype=crop.dtype).view(1, 3, 1, 1)
-    x = (raw - torch.tensor(IMAGENET_MEAN, dtype=crop.dtype).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD, dtype=crop.dtype).view(1, 3, 1, 1)
+    def const(values):
+        return torch.tensor(values, dtype=crop.dtype, device=crop.device).view(1, 3, 1, 1)
+
+    x = (crop * const(CLIP_STD) + const(CLIP_MEAN) - const(IMAGENET_MEAN)) / const(IMAGENET_STD)
     p = dino.patch_embed.proj.kernel_size[0]
     gh, gw = x.shape[-2] // p, x.shape[-1] // p
     t = dino.patch_embed.proj(x).flatten(2).transpose(1, 2)
@@ -131,7 +133,7 @@ def clip_forward(visual, crop, dino_feats, feat_shape, masks):
     region_masks = torch.stack([tm == val for val in torch.unique(tm)])  # (R, h, w)
     R = region_masks.shape[0]
     seq = torch.cat([x[:1].repeat(R, 1), x], dim=0)
-    allow = torch.zeros(seq.shape[0], seq.shape[0], dtype=torch.bool)
+    allow = torch.zeros(seq.shape[0], seq.shape[0], dtype=torch.bool, device=seq.device)
     allow[R:, R:] = True
     allow[:R, R] = True
     allow[:R, R + 1:] = region_masks.reshape(R, -1)
@@ -152,7 +154,7 @@ def clip_forward(visual, crop, dino_feats, feat_shape, masks):
         outs.append(blk.attn.out_proj(attn @ v))
     mct = block_forward(blk, seq, attn_mask)[:R]
     expand = F.interpolate(region_masks[:, None].double(), size=feat_shape, mode="nearest").reshape(R, -1)
-    outs.append(expand.T @ mct)
+    outs.append(expand.T.to(mct.dtype) @ mct)
     main, spat, sem = (visual.ln_post(o) for o in outs)
     return (main + spat * ALPHA + sem * BETA) @ visual.proj  # (N', D)
 
@@ -200,13 +202,14 @@ def forward_slide(visual, dino, img, masks, text, crop, stride):
 
 
 def corrclip_predict(visual, dino, img, instance_mask, text, num_classes, crop=336, stride=112, prob_thd=0.0,
-                     logit_scale=40.0, out_size=None):
+                     logit_scale=40.0, out_size=None, dtype=torch.float64):
     """The official predict + postprocess_result for one image. ``img`` (3, H, W) CLIP-normalised (already
     resized), ``instance_mask`` (H0, W0) int at the original size, ``text`` (Q, D) normalised, queries ordered with
-    the background's synonyms first. Returns (probs (C, H0, W0), seg_pred (H0, W0)) in float64."""
+    the background's synonyms first. Returns (probs (C, H0, W0), seg_pred (H0, W0)) in ``dtype`` (the modules must
+    be in it too: float64 for the tests)."""
     out_size = tuple(out_size or instance_mask.shape)
     masks = F.interpolate(instance_mask[None, None].double(), size=img.shape[-2:], mode="nearest").long()
-    logits = forward_slide(visual, dino, img[None].double(), masks, text.double(), crop, stride)
+    logits = forward_slide(visual, dino, img[None].to(dtype), masks, text.to(dtype), crop, stride)
     logits = F.interpolate(logits, size=out_size, mode="bilinear")[0]
     prob = (logits * logit_scale).softmax(0)
     Q = prob.shape[0]
