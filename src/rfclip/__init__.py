@@ -6,6 +6,7 @@
 """
 
 from .devices import reuse_cpu_memory
+from . import masks  # noqa: F401  (rfclip.masks.NpzMasks, ... without a separate import)
 from .errors import RfclipError
 from .methods import METHODS, PLUGINS, build_method
 from .models import ClipModel, load_clip
