@@ -356,3 +356,13 @@ def test_cli_eval_preset_and_segment_with_saved_masks(voc, tmp_path, capsys, mon
     assert code == 0, printed.err
     record = json.loads((tmp_path / "seg" / f"{image.stem}.json").read_text())
     assert record["method"] == "corrclip"
+
+
+def test_bf16_autocast_agrees_with_fp32(models):
+    size, crop, stride, make_map, _ = CASES["slide-padded"]
+    img, regions = image(size), make_map(size)
+    text = vocabulary()
+    (m32, p32), = seg_for(models, crop, stride).predict([img], text, regions=[regions])
+    (m16, p16), = seg_for(models, crop, stride, precision="bf16").predict([img], text, regions=[regions])
+    assert torch.isfinite(p16).all() and (p16 - p32).abs().max() < 0.2
+    assert (m16 == m32).float().mean() > 0.9
