@@ -366,3 +366,15 @@ def test_bf16_autocast_agrees_with_fp32(models):
     (m16, p16), = seg_for(models, crop, stride, precision="bf16").predict([img], text, regions=[regions])
     assert torch.isfinite(p16).all() and (p16 - p32).abs().max() < 0.2
     assert (m16 == m32).float().mean() > 0.9
+
+
+def test_merge_padding_option():
+    g = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(1, 8, generator=g), dim=-1)
+    feats = F.normalize(base + 0.01 * torch.randn(40, 8, generator=g), dim=-1)  # everything similar: one cluster
+    m = torch.tensor([0] * 10 + [3] * 10 + [5] * 10 + [10000] * 10)
+    code = merge_regions(m, feats)
+    assert torch.equal(torch.unique(code), torch.tensor([0, 10000]))  # padding merged with the regions
+    kept = merge_regions(m, feats, merge_padding=False)
+    assert torch.equal(kept[30:], torch.full((10,), 10000)) and torch.equal(torch.unique(kept[10:30]), torch.tensor([10001]))
+    assert torch.equal(kept[:10], m[:10])

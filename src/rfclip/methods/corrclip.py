@@ -74,7 +74,8 @@ class CorrCLIP(Method):
     """CorrCLIP v1. ``vfm`` / ``vfm_checkpoint``: the VFM whose last-block q+k give the correlations (DINO ViT-B/8
     by default, any timm ViT rfclip loads); ``main_weight`` / ``spatial_weight`` / ``semantic_weight``: the three
     branches' weights (1, 1, 0.5); ``tau``: the attention's scale; ``merge`` / ``merge_eps``: region merging;
-    ``num_spatial``: layers in the spatial mean (None: per depth); ``map_correction``: the per-region mode of the
+    ``merge_padding``: the crop's padding (id 10000) takes part in the merging as a region (the code) or keeps its
+    own id (False); ``num_spatial``: layers in the spatial mean (None: per depth); ``map_correction``: the per-region mode of the
     final labels; ``unsegmented``: ``smallest`` (the code: the smallest id of a map is its unsegmented region, also
     when the map has no 0) or ``zero`` (only id 0 is unsegmented)."""
 
@@ -91,6 +92,7 @@ class CorrCLIP(Method):
     tau: float = CORRCLIP_TAU
     merge: bool = True
     merge_eps: float = CORRCLIP_MERGE_EPS
+    merge_padding: bool = True
     num_spatial: int | None = None
     map_correction: bool = True
     unsegmented: str = "smallest"
@@ -148,7 +150,8 @@ class CorrCLIP(Method):
         B = features.shape[0]
         region_maps = resize_nearest(ctx.regions, vgrid).reshape(B, -1)  # (B, N')
         if self.merge:
-            region_maps = torch.stack([merge_regions(m, f, float(self.merge_eps), self.unsegmented)
+            region_maps = torch.stack([merge_regions(m, f, float(self.merge_eps), self.unsegmented,
+                                                     bool(self.merge_padding))
                                        for m, f in zip(region_maps, features)])
         attention = scope_attention(features, region_maps, float(self.tau), self.unsegmented)  # (B, 1, N', N')
         # mask class tokens: one per id of the merged map on the CLIP grid

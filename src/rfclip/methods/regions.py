@@ -66,25 +66,33 @@ def connected_components(adjacency: Tensor) -> Tensor:
 
 
 def merge_regions(region_map: Tensor, features: Tensor, eps: float = CORRCLIP_MERGE_EPS,
-                  rule: str = "smallest") -> Tensor:
+                  rule: str = "smallest", merge_padding: bool = True) -> Tensor:
     """CorrCLIP's mask merging on one crop (CorrCLIPv1 ``VisionTransformer.forward``, "Mask Merging").
 
     ``region_map`` (N,) int64 ids on the VFM grid, ``features`` (N, c) L2-normalised VFM features. With more than
     two ids present: each region's mean feature, L2-normalised; the unsegmented region (the smallest id) is left
     out; ``d = max(sim) - sim`` over the cosine similarities of the others; DBSCAN(eps, min_samples=1) on ``d``;
-    region r of cluster c gets id ``c + 10000`` (so cluster 0 takes the padding's id 10000, and the padding, itself a
-    region, joins a cluster like any other). Returns the merged map (N,) int64.
+    region r of cluster c gets id ``c + 10000``. The crop's padding (id 10000) is a region like any other and is
+    merged and renumbered with them (the code's behaviour); ``merge_padding=False`` keeps it out of the merging, with
+    its own id, and numbers the clusters from 10001 so that none takes it. Returns the merged map (N,) int64.
     """
     values, inverse = torch.unique(region_map, return_inverse=True)
     if values.numel() <= 2:
         return region_map
     onehot = F.one_hot(inverse, values.numel()).T.to(features.dtype)  # (R, N)
     means = F.normalize((onehot @ features) / onehot.sum(dim=1, keepdim=True), dim=-1)  # (R, c)
-    skip = 1 if rule == "smallest" or int(values[0]) == 0 else 0
-    means = means[skip:]
-    sim = means @ means.T
-    cluster = connected_components((sim.max() - sim) <= eps)
-    new_values = torch.cat([values[:skip], cluster.to(values.dtype) + CORRCLIP_PAD_REGION])
+    merged = torch.ones_like(values, dtype=torch.bool)
+    if rule == "smallest" or int(values[0]) == 0:
+        merged[0] = False  # the unsegmented region keeps its id
+    base = CORRCLIP_PAD_REGION
+    if not merge_padding and bool((values[merged] == CORRCLIP_PAD_REGION).any()):
+        merged &= values != CORRCLIP_PAD_REGION
+        base += 1
+    new_values = values.clone()
+    if bool(merged.any()):
+        kept = means[merged]
+        sim = kept @ kept.T
+        new_values[merged] = connected_components((sim.max() - sim) <= eps).to(values.dtype) + base
     return new_values[inverse]
 
 
