@@ -16,7 +16,8 @@ In the last layer a method either returns the final tokens itself (``hooks.final
 residual width and the [CLS] token, for last layers that are not one attention, such as the released RF-CLIP
 code's two decodings) or, by default, ``hooks.final_attention`` decides the attention, the values (possibly on
 another token grid, as ProxyCLIP does) and whether the residual and FFN are kept. The final tokens then go through
-``ln_post`` and ``proj``. When an attention hook returns ``None`` the forward uses ``scaled_dot_product_attention``
+``ln_post`` and ``proj`` (only ``proj`` for tokens a method already put through ``ln_post``: CorrCLIP sums three
+branches after it). Methods that use region masks read each crop's region map from ``ctx.regions``. When an attention hook returns ``None`` the forward uses ``scaled_dot_product_attention``
 so that methods that do not need the attention matrix get flash/SDPA kernels on GPU.
 """
 
