@@ -227,6 +227,8 @@ class Segmenter:
         uses_masks = bool(getattr(self.method, "needs_masks", False))
         if uses_masks and regions is None:
             raise masks_needed_error(self.method_name)
+        if uses_masks and len(regions) != len(images):
+            raise RfclipError(f"{len(regions)} region maps for {len(images)} images; give one map per image")
         if cfg.prob_thd > 0 and cfg.background_class >= text.num_classes:
             raise RfclipError(f"background_class {cfg.background_class} is not one of the {text.num_classes} classes; "
                               f"give an index below {text.num_classes}")
