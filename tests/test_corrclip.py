@@ -94,6 +94,7 @@ CASES = {  # name: (image size, crop, stride, region map, expect merging)
     "slide-padded": ((200, 260), 150, 100, lambda s: blocks_map(s, 64, zero_rows=16), True),
     "no-zero": ((224, 224), 224, 112, lambda s: blocks_map(s, 56, start=3), True),
     "few-regions": ((224, 224), 224, 112, lambda s: np.where(blocks_map(s, 112) > 2, 5, 0).astype(np.int32), False),
+    "non-square": ((150, 260), 224, 112, lambda s: blocks_map(s, 50, zero_rows=10), None),  # 168 x 224 padded crops
 }
 
 
@@ -125,7 +126,7 @@ def test_equals_official_code(models, case):
     feats, grid = vfm.last_query_key(x)
     vmap = resize_nearest(torch.from_numpy(regions).long()[:crop, :crop], grid).reshape(-1)
     merged = merge_regions(vmap, feats[0])
-    assert (torch.unique(merged).numel() < torch.unique(vmap).numel()) == merges
+    assert merges is None or (torch.unique(merged).numel() < torch.unique(vmap).numel()) == merges
     assert not torch.equal(mask, want_probs.argmax(0)) or case == "few-regions"  # map correction changed labels
 
 
