@@ -7,6 +7,7 @@ writer), and at the end rank 0 merges the COCO parts and writes ``run.json`` (:f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -173,9 +174,21 @@ def item_state(job: JobOptions, item: Item, sid: str, coco_done: dict[str, str])
 def cost_note(settings: dict, image_size: tuple[int, int] | None, num_templates: int = 80) -> str | None:
     """One line when a run will be far more expensive than usual: a sliding window giving over
     :data:`MANY_CROPS` crops per image, or over :data:`MANY_PROMPTS` prompts to embed."""
+    cfg = settings["inference"]
+    notes = []
+    with contextlib.suppress(RfclipError):  # settings that need the model to be judged are checked once it is loaded
+        notes += _crop_note(cfg, image_size)
+    prompts = sum(len(c) for c in settings["classes"]) * num_templates
+    if prompts > MANY_PROMPTS:
+        notes.append(f"{prompts} prompts to embed ({len(settings['classes'])} classes x {num_templates} templates)")
+    if not notes:
+        return None
+    return "rfclip: note: this run is far more expensive than usual: " + "; ".join(notes)
+
+
+def _crop_note(cfg: dict, image_size: tuple[int, int] | None) -> list[str]:
     from ..inference import rescale_size, sliding_windows
 
-    cfg = settings["inference"]
     notes = []
     if image_size is not None and cfg.get("slide_crop"):
         h, w = rescale_size(image_size[0], image_size[1], cfg.get("short_side"))
@@ -183,13 +196,9 @@ def cost_note(settings: dict, image_size: tuple[int, int] | None, num_templates:
         crops = len(sliding_windows(h, w, crop, stride)) if crop < max(h, w) else 1
         if crops > MANY_CROPS:
             notes.append(f"{crops} crops per {image_size[1]}x{image_size[0]} image (--slide-stride {stride} on "
-                         f"{w}x{h}; the default stride gives {len(sliding_windows(h, w, crop, crop // 2))})")
-    prompts = sum(len(c) for c in settings["classes"]) * num_templates
-    if prompts > MANY_PROMPTS:
-        notes.append(f"{prompts} prompts to embed ({len(settings['classes'])} classes x {num_templates} templates)")
-    if not notes:
-        return None
-    return "rfclip: note: this run is far more expensive than usual: " + "; ".join(notes)
+                         f"{w}x{h}; a stride of {max(crop // 2, 1)} gives "
+                         f"{len(sliding_windows(h, w, crop, max(crop // 2, 1)))})")
+    return notes
 
 
 def first_image_size(item: Item) -> tuple[int, int] | None:
