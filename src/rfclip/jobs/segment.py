@@ -137,6 +137,8 @@ def plan(job: JobOptions, inputs: Inputs, rank: int = 0, world_size: int = 1) ->
                 conflicts.append(state)
             elif state == "todo" or redo_all:
                 left.append(i)
+        if by_shard and left:  # a result shard is written whole: all of its images again
+            left = list(part)
         todo[p] = left
         done_before += len(part) - len(left)
     problems = [c for rank_conflicts in gather(conflicts) for c in rank_conflicts]
