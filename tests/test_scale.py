@@ -362,6 +362,15 @@ def test_folders_hidden_files_same_stems_and_recursion(base, tmp_path, capsys):
     assert code == 0, err
     assert sorted(p.relative_to(out2).as_posix() for p in out2.rglob("*.png")) == [
         "a.jpg_mask.png", "a.png_mask.png", "sub/b_mask.png"]
+    out3 = tmp_path / "out3"  # result shards from files: --shard-size images each, whole or not at all
+    code, _, err = run_cli(capsys, argv(base, out3, src, extra=["--format", "webdataset", "--shard-size", "2",
+                                                                "--recursive"]))
+    assert code == 0, err
+    assert sorted(p.name for p in out3.iterdir()) == ["results-000000.tar", "results-000001.tar", "run.json"]
+    import webdataset as wds
+
+    keys = [s["__key__"] for s in wds.WebDataset(str(out3 / "results-{000000..000001}.tar"), shardshuffle=False)]
+    assert keys == ["a_jpg", "a_png", "sub/b"]  # a WebDataset key holds no dot
     code, _, err = run_cli(capsys, argv(base, tmp_path / "o3", src, extra=["--format", "nothing"]))
     assert code == 2 and "unknown output format nothing" in err
 

@@ -246,6 +246,11 @@ class Counts:
         return d
 
 
+def error_line(message: str) -> None:
+    """``rfclip: error: <message>`` on one line of stderr, as the command line prints its errors."""
+    print("rfclip: error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+
+
 class SkipReporter:
     """One line per skipped image; held back until an image succeeds, so that a run where nothing can be read
     ends with one line instead of one per image."""
@@ -291,9 +296,7 @@ def segment_parts(job: JobOptions, inputs: Inputs, the_plan: Plan, segmenter, te
     loader = DataLoader(ItemDataset(inputs.items), batch_sampler=batches, collate_fn=collate, num_workers=workers,
                         persistent_workers=False) if batches else []
     progress = Progress(sum(totals), world_size=world_size, enabled=progress_enabled and rank == 0 and not job.quiet)
-    from ..cli import _error  # one-line error format of the command line
-
-    skips = SkipReporter(lambda m: (progress.bar.clear() if progress.tty else None, _error(f"{m} (skipped)")))
+    skips = SkipReporter(lambda m: (progress.bar.clear() if progress.tty else None, error_line(f"{m} (skipped)")))
     sinks = Sinks(job, inputs, rank, the_plan.parts)
     writer = BackgroundWriter(depth=2 * job.images_per_batch)
     sid = job.settings_id
@@ -336,6 +339,8 @@ def segment_parts(job: JobOptions, inputs: Inputs, the_plan: Plan, segmenter, te
                 writer.submit(sinks.finish_part, batch_part[b], the_plan.parts[batch_part[b]])
         writer.close()
         counts.seconds = time.perf_counter() - start
+        if world_size > 1:  # other ranks may have succeeded: say what this one skipped
+            skips.success()
     except BaseException:
         writer.abort()
         sinks.discard()
@@ -402,6 +407,8 @@ class Sinks:
         buf = io.BytesIO()
         mask_image(seg.mask, len(seg.classes)).save(buf, format="PNG")
         key = item.name.split("/", 1)[1] if item.shard >= 0 else item.name
+        head, _, base = key.rpartition("/")  # WebDataset keys end at the first dot of a member's name
+        key = (head + "/" if head else "") + base.replace(".", "_")
         try:
             self.shard_writer[0].write({"__key__": key, "mask.png": buf.getvalue(),
                                         "json": json.dumps(record, default=str).encode("utf-8")})
