@@ -235,7 +235,8 @@ class Counts:
     files: int = 0
     done_before: int = 0
     failed: list = dataclasses.field(default_factory=list)  # [{"image", "reason"}]
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the loop (first batch read to last file written)
+    cpu_seconds: float = 0.0  # CPU time of this process over the loop (all its threads; not loader workers)
     held: list = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -302,7 +303,7 @@ def segment_parts(job: JobOptions, inputs: Inputs, the_plan: Plan, segmenter, te
     sid = job.settings_id
     per_image_lines = world_size == 1 and not job.quiet
     noted: set[str] = set()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         for b, batch in enumerate(loader):
             t0 = time.perf_counter()
@@ -339,6 +340,7 @@ def segment_parts(job: JobOptions, inputs: Inputs, the_plan: Plan, segmenter, te
                 writer.submit(sinks.finish_part, batch_part[b], the_plan.parts[batch_part[b]])
         writer.close()
         counts.seconds = time.perf_counter() - start
+        counts.cpu_seconds = round(time.process_time() - cpu_start, 3)
         if world_size > 1:  # other ranks may have succeeded: say what this one skipped
             skips.success()
     except BaseException:
