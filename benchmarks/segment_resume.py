@@ -51,7 +51,8 @@ def interrupted_then_resumed(cmd: list[str], out: Path, done_files: str, stop_af
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     before = len(list(out.glob(done_files)))
-    print(f"  SIGTERM after {time.time() - t0:.1f} s: exit status {proc.returncode}, {before} images done", flush=True)
+    print(f"  SIGTERM after {time.time() - t0:.1f} s: exit status {proc.returncode}, {before} x {done_files} done",
+          flush=True)
     check(proc.returncode != 0 and "rfclip: interrupted" in err, "the interrupted run says so and fails")
     check(not [p for p in out.rglob(".*") if p.name != ".rfclip-parts"]
           and not list(out.rglob("*.rfclip-tmp")), "no temporary file, no lock left behind")
