@@ -10,7 +10,6 @@ import errno
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path

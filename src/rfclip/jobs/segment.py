@@ -509,11 +509,15 @@ def finish(job: JobOptions, inputs: Inputs, counts: Counts, world_size: int, sta
     if counts.rank == 0 and (summary_["counts"]["segmented"] or summary_["counts"]["skipped_done_before"]):
         from .._io import atomic_open
 
-        if "coco" in job.formats:
-            merge_coco(job.out, inputs)
-        with atomic_open(job.out / RUN_FILE, "w", encoding="utf-8") as f:
-            json.dump(summary_, f, indent=2, default=str)
-            f.write("\n")
+        try:
+            if "coco" in job.formats:
+                merge_coco(job.out, inputs)
+            with atomic_open(job.out / RUN_FILE, "w", encoding="utf-8") as f:
+                json.dump(summary_, f, indent=2, default=str)
+                f.write("\n")
+        except OSError as err:
+            raise RfclipError(f"cannot write {job.out / RUN_FILE} (or {COCO_FILE}): {err.strerror or err}; check the "
+                              "free space and permissions of --out, then rerun the command (the images are done)") from None
     summary_["files"] = sum(c.files for c in per_rank)
     return summary_
 
