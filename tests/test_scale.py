@@ -320,7 +320,10 @@ def test_second_run_on_the_same_folder_is_refused(base, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert f"output folder {out} is in use by another rfclip run (pid {os.getpid()}" in err
     assert list(out.iterdir()) == []
+    stale = out / ".img00_mask.png.999.rfclip-tmp"  # left by a run killed with SIGKILL
+    stale.write_bytes(b"partial")
     assert run_cli(capsys, argv(base, out, base / "photos" / "img00.png"))[0] == 0  # released
+    assert not stale.exists() and no_temporary_files(out)
 
 
 def test_missing_list_entries_and_unreadable_images_are_reported_and_listed(base, tmp_path, capsys):

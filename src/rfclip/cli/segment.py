@@ -176,7 +176,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from ..evaluate import distributed_session
     from ..jobs.progress import gather
-    from ..jobs.resume import output_lock
+    from ..jobs.resume import output_lock, remove_stale_temporary_files
     from ..jobs.segment import cost_note, finish, first_image_size, plan, segment_parts
     from ..outputs import parse_formats
 
@@ -202,6 +202,7 @@ def _run(args) -> int:
         if lock_error:
             raise RfclipError(lock_error)
         if main:
+            remove_stale_temporary_files(out)  # of a run that was killed outright; we hold the lock
             for _, reason in inputs.problems:
                 report_skipped(reason)
         the_plan = plan(job, inputs, dist.rank, dist.world_size)

@@ -73,6 +73,29 @@ def output_lock(out: Path, hold: bool = True) -> Iterator[None]:
         os.close(fd)
 
 
+def remove_stale_temporary_files(out: Path) -> int:
+    """Remove the temporary files a killed run (SIGKILL, a crashed node) left in ``out``: hidden names containing
+    ``.rfclip-tmp`` (staged outputs, and :func:`rfclip._io.atomic_open`'s files for them). Safe only under the
+    folder's lock: no other run writes there. Returns how many were removed."""
+    from ..outputs import TEMP_SUFFIX
+
+    removed = 0
+    stack = [out]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif entry.name.startswith(".") and TEMP_SUFFIX in entry.name:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
 # ---------------------------------------------------------------------------------------------- what is done
 def json_record_id(path: Path) -> tuple[str | None, dict | None]:
     """``(settings_id, job settings)`` of a per-image JSON (``(None, None)`` when unreadable or without them)."""

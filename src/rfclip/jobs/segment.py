@@ -339,7 +339,7 @@ def segment_parts(job: JobOptions, inputs: Inputs, the_plan: Plan, segmenter, te
             if last_batch_of_part.get(batch_part[b]) == b:
                 writer.submit(sinks.finish_part, batch_part[b], the_plan.parts[batch_part[b]])
         writer.close()
-        counts.seconds = time.perf_counter() - start
+        counts.seconds = round(time.perf_counter() - start, 3)
         counts.cpu_seconds = round(time.process_time() - cpu_start, 3)
         if world_size > 1:  # other ranks may have succeeded: say what this one skipped
             skips.success()
