@@ -131,7 +131,8 @@ def test_segment_two_images_batched(files, capsys):
         "--checkpoint", files / "vitb16.safetensors", "--out", out, *FAST)
     assert code == 0, stderr
     assert stderr == ""
-    assert listing(out) == ["a.json", "a_mask.png", "a_overlay.png", "b.json", "b_mask.png", "b_overlay.png"]
+    assert listing(out) == ["a.json", "a_mask.png", "a_overlay.png", "b.json", "b_mask.png", "b_overlay.png",
+                            "run.json"]
     for image in ("a.jpg", "b.png"):
         record = check_outputs(out, files / image, ["red", "green", "blue"], "naclip")
         assert record["classes"][0]["synonyms"] == ["red", "crimson"]
@@ -149,7 +150,7 @@ def test_segment_default_method(files, capsys):
         "--checkpoint", files / "vitb16.safetensors", "--out", out, "--quiet", *FAST)
     assert code == 0, stderr
     assert stdout == "" and stderr == ""
-    assert listing(out) == ["d.json", "d_mask.png", "d_overlay.png"]  # the folder's image files only
+    assert listing(out) == ["d.json", "d_mask.png", "d_overlay.png", "run.json"]  # the folder's image files only
     record = check_outputs(out, files / "folder" / "d.png", ["red", "green", "blue"], "rfclip")
     assert record["classes"][1]["synonyms"] == ["green", "lime"]
 
@@ -200,7 +201,7 @@ BAD_INPUTS = {
     "bad device": (["{d}/a.jpg"], ["--method", "naclip", "--device", "banana"], "unknown device"),
     "bad precision": (["{d}/a.jpg"], ["--method", "naclip", "--precision", "fp8"], "invalid choice"),
     "bad number": (["{d}/a.jpg"], ["--method", "naclip", "--batch-size", "0"], "positive"),
-    "same output names": (["{d}/a.jpg", "{d}/sub/a.png"], ["--method", "naclip"], "would both write"),
+    "same output names": (["{d}/a.jpg", "{d}/sub/a.jpg"], ["--method", "naclip"], "would both write"),
 }
 
 
@@ -208,8 +209,8 @@ BAD_INPUTS = {
 def test_bad_input(files, capsys, case):
     images, extra, expected = BAD_INPUTS[case]
     (files / "sub").mkdir(exist_ok=True)
-    if not (files / "sub" / "a.png").exists():
-        Image.open(files / "a.jpg").save(files / "sub" / "a.png")
+    if not (files / "sub" / "a.jpg").exists():
+        Image.open(files / "a.jpg").save(files / "sub" / "a.jpg")
     out = files / f"out_bad_{case.replace(' ', '_')}"
     argv = ["segment", *[i.format(d=files) for i in images]]
     extra = [e.format(d=files) for e in extra]

@@ -340,8 +340,9 @@ def test_a_bad_image_in_a_folder_costs_no_other(tiny_checkpoint, tmp_path, capsy
     assert lines[0].startswith(f"rfclip: error: cannot read image {folder / 'd_corrupt.jpg'}") and "(skipped)" in lines[0]
     assert lines[1] == ("rfclip: error: 1 of 4 images could not be read and were skipped (see above); fix or remove "
                         "them and segment them again")
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}{s}" for n in ("a", "b_thin", "c")
-                                                           for s in (".json", "_mask.png", "_overlay.png"))
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}{s}" for n in ("a", "b_thin", "c")
+                                                            for s in (".json", "_mask.png", "_overlay.png")]
+                                                           + ["run.json"])
     with Image.open(out / "b_thin_mask.png") as mask:
         assert mask.size == (500, 1)
 
@@ -358,7 +359,7 @@ def test_an_unreadable_file_among_named_images_is_skipped(tiny_checkpoint, tmp_p
     assert f"cannot read image {tmp_path / 'garbage.jpg'}" in lines[0] and lines[0].endswith("(skipped)")
     assert f"image not found: {tmp_path / 'missing.png'}" in lines[1] and lines[1].endswith("(skipped)")
     assert "2 of 3 images could not be read and were skipped" in lines[2]
-    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a_mask.png", "a_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a_mask.png", "a_overlay.png", "run.json"]
 
 
 # ---------------------------------------------------------------------------------------------- 6: long class name

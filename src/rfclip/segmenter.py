@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -36,11 +37,64 @@ class Segmentation:
     classes: list[str]  # display name of each class (its first synonym)
     synonyms: list[list[str]]
     input_conversion: str | None = None  # how a non-8-bit input was scaled to 0..255 (see inference.read_image)
+    meta: dict | None = field(default=None, repr=False, compare=False)  # how it was made (outputs.describe_run)
 
     def fractions(self) -> dict[str, float]:
         """Fraction of the image's pixels given to each class."""
         counts = np.bincount(self.mask.ravel(), minlength=len(self.classes))
         return {name: float(n) / self.mask.size for name, n in zip(self.classes, counts)}
+
+    def __repr__(self) -> str:
+        height, width = self.mask.shape
+        top = sorted(self.fractions().items(), key=lambda kv: -kv[1])[:3]
+        shown = ", ".join(f"{name} {100 * f:.1f}%" for name, f in top if f > 0)
+        more = f", +{len(self.classes) - len(top)} more" if len(self.classes) > len(top) else ""
+        return (f"Segmentation({width}x{height}, {len(self.classes)} classes: {shown}{more}"
+                f"{', probs' if self.probs is not None else ''})")
+
+    # -------------------------------------------------------------------------------------- other formats
+    def to_coco_rle(self) -> list[dict]:
+        """Per class present, COCO compressed RLE with label, fraction, area and box (needs ``pycocotools``;
+        see :func:`rfclip.formats.coco_rle`)."""
+        from .formats import coco_rle
+
+        return coco_rle(self)
+
+    def to_hf(self) -> list[dict]:
+        """The ``transformers`` image-segmentation pipeline's output: ``[{"score", "label", "mask"}]``."""
+        from .formats import hf_annotations
+
+        return hf_annotations(self)
+
+    def to_detections(self):
+        """A ``supervision.Detections`` with one masked detection per class present (needs ``supervision``)."""
+        from .formats import detections
+
+        return detections(self)
+
+    def save(self, out: str | os.PathLike, image=None, name: str = "segmentation",
+             formats: Sequence[str] | None = None) -> dict[str, Path]:
+        """Write what ``rfclip segment`` writes for one image into the folder ``out``: ``NAME_mask.png``,
+        ``NAME.json`` and, when the ``image`` (path, PIL image or array) is given, ``NAME_overlay.png``.
+        ``formats`` picks among ``png``, ``overlay``, ``json``. Returns the paths written."""
+        from .outputs import DEFAULT_FORMATS, FILE_KEYS, output_paths, segmentation_record, write_outputs
+
+        formats = tuple(formats) if formats is not None else tuple(
+            f for f in DEFAULT_FORMATS if f != "overlay" or image is not None)
+        unknown = [f for f in formats if f not in FILE_KEYS]
+        if unknown:
+            raise RfclipError(f"unknown format(s) {', '.join(unknown)} for save(); choose from {', '.join(FILE_KEYS)}")
+        if "overlay" in formats and image is None:
+            raise RfclipError("the overlay needs the image; pass image=... to save()")
+        rgb = read_image(image)[0] if image is not None else None
+        if rgb is not None and rgb.shape[:2] != self.mask.shape:
+            raise RfclipError(f"image is {rgb.shape[1]}x{rgb.shape[0]} but the mask is "
+                              f"{self.mask.shape[1]}x{self.mask.shape[0]}; pass the image that was segmented")
+        paths = output_paths(Path(out), str(name), formats)
+        record = segmentation_record(name, self, None, paths, None, run=dict(self.meta or {}))
+        record["input_conversion"] = self.input_conversion
+        write_outputs(paths, rgb, self, record, alpha=0.5)
+        return paths
 
 
 def masks_needed_error(method_name: str) -> RfclipError:
@@ -126,6 +180,7 @@ class Segmenter:
         self.method = build_method(method, plugins, **method_options)
         self.amp_dtype = autocast_dtype(self.device, method_precision(self.config.precision, self.method))
         self.method_name = method if not plugins else "+".join([method, *plugins])
+        self.checkpoint = checkpoint  # local weights loaded (recorded in the outputs), or None
 
         if isinstance(model, (str, os.PathLike)):
             from .models.loading import load_clip
@@ -277,6 +332,9 @@ class Segmenter:
             paths = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else None for im in images]
             regions = region_maps_for(rgbs, paths, masks, self.masks)
         out = []
+        from .outputs import describe_run
+
+        meta = describe_run(self, self.checkpoint)
         results = self.predict(rgbs, text, return_probs=return_probs, regions=regions)
         for (mask, probs), (_, conversion) in zip(results, loaded):
             out.append(Segmentation(
@@ -285,6 +343,7 @@ class Segmenter:
                 classes=list(text.class_names),
                 synonyms=[list(s) for s in text.synonyms],
                 input_conversion=conversion,
+                meta=meta,
             ))
         return out
 

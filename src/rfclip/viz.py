@@ -148,12 +148,25 @@ def save_mask_png(path: str | os.PathLike, mask: np.ndarray, palette: np.ndarray
             raise RfclipError(
                 f"cannot save the mask as a palette PNG: {len(pal)} classes, but a palette PNG holds at most 256"
             )
+    return save_image_atomic(_palette_image(mask, pal), path)
+
+
+def _palette_image(mask: np.ndarray, pal: np.ndarray) -> Image.Image:
+    """A "P" image of class indices 0..255 with the colours ``pal`` ((n <= 256, 3); the rest black)."""
     full = np.zeros((256, 3), dtype=np.uint8)
     full[: len(pal)] = np.clip(pal, 0, 255).astype(np.uint8)
     arr = np.ascontiguousarray(mask.astype(np.uint8))
     img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), arr.tobytes())
     img.putpalette(full.reshape(-1).tolist())
-    return save_image_atomic(img, path)
+    return img
+
+
+def mask_image(mask: np.ndarray, num_classes: int) -> Image.Image:
+    """The image :func:`rfclip.outputs.save_mask` writes: a palette image (pixel value = class index, coloured by
+    :func:`palette`) for up to 256 classes, a 16-bit grey image beyond that."""
+    if num_classes <= 256:
+        return _palette_image(np.asarray(mask), palette(num_classes))
+    return Image.fromarray(np.asarray(mask).astype(np.uint16))
 
 
 def class_fractions(mask: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:

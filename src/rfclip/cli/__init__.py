@@ -124,11 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error(err)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C; SIGTERM too where a command turns it into one (rfclip.jobs.Terminated)
         if debug:
             raise
         print("rfclip: interrupted", file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_status", 130)
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             raise
