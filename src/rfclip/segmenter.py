@@ -15,7 +15,7 @@ from .errors import RfclipError
 from .inference import (InferenceConfig, autocast_dtype, check_pixel_stats, crops_per_forward, dense_logits,
                         pad_to_patch, padding_multiple, postprocess, preprocess, read_image)
 from .methods import build_method, method_option_names
-from .text import ClassSpec, TextClassifier, TextQueries
+from .text import ClassSpec, TextClassifier, TextQueries, parse_classes
 
 DEFAULT_METHOD = "rfclip"
 
@@ -211,7 +211,14 @@ class Segmenter:
 
     def segment_batch(self, images: Sequence, classes: str | Sequence[ClassSpec] | TextQueries,
                       return_probs: bool = True) -> list[Segmentation]:
-        """Segment several images with one vocabulary; their crops are batched together."""
+        """Segment several images with one vocabulary; their crops are batched together. No images: ``[]``."""
+        if isinstance(images, (str, os.PathLike)) or not hasattr(images, "__len__"):
+            raise RfclipError(f"segment_batch takes a list of images, got {type(images).__name__}; use segment() "
+                              "for one image")
+        if len(images) == 0:
+            if not isinstance(classes, TextQueries):
+                parse_classes(classes)  # the class list is checked all the same
+            return []
         text = classes if isinstance(classes, TextQueries) else self.encode_classes(classes)
         loaded = [read_image(im) for im in images]
         out = []
