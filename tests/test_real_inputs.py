@@ -105,3 +105,108 @@ def test_text_cache_true_means_the_default_cache(tiny_clip, tmp_path, monkeypatc
     assert s.text.cache_dir == tmp_path / "text"
     with pytest.raises(RfclipError, match="text_cache"):
         Segmenter(tiny_clip, method="clip", text_cache=3)
+
+
+# ---------------------------------------------------------------------------------------------- 5. settings
+@pytest.fixture(scope="module")
+def ckpt(tiny_clip, tmp_path_factory):
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_clip.model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(3):
+        _image(root / f"p{i}.png", seed=i)
+    return root
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("size", [1, 15, 100000])
+def test_calibrate_image_size_out_of_range(tiny_clip, photos, size):
+    from rfclip.calibrate import calibrate
+
+    with pytest.raises(RfclipError, match="image_size must be a whole number from the model's patch size 16 to 2048"):
+        calibrate(tiny_clip, photos, image_size=size, save=False, device="cpu")
+
+
+def test_calibrate_cli_checks_image_size_and_out_before_loading(photos, tmp_path, capsys, monkeypatch):
+    import rfclip.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_clip", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    code, _, err = run_cli(capsys, "calibrate", photos, "--image-size", 100000)
+    assert code == 2 and "larger than 2048" in err
+    (tmp_path / "a_file").write_text("x")
+    code, _, err = run_cli(capsys, "calibrate", photos, "--out", tmp_path / "a_file" / "dims.json")
+    assert code == 2 and "is a file, not a folder" in err and "--out" in err
+    code, _, err = run_cli(capsys, "calibrate", photos, "--out", tmp_path)
+    assert code == 2 and "it is a folder" in err
+
+
+def test_calibrate_api_checks_out_file_before_computing(tiny_clip, photos, tmp_path, monkeypatch):
+    import rfclip.calibrate as cal
+
+    monkeypatch.setattr(cal, "token_profiles", lambda *a: pytest.fail("computed before the check"))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(RfclipError, match="is a file"):
+        cal.calibrate(tiny_clip, photos, out_file=tmp_path / "a_file" / "d.json", device="cpu")
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(pad_crops_to=100000), "pad_crops_to 100000 is larger than 512"),
+    (dict(pad_crops_to=True), "pad_crops_to must be a whole number"),
+    (dict(method="naclip", gaussian_std=0), "gaussian_std must be a finite number above 0"),
+    (dict(method="naclip", gaussian_std=-1.0), "gaussian_std must be a finite number above 0"),
+    (dict(method="naclip", gaussian_std=float("nan")), "gaussian_std must be a finite number"),
+    (dict(method="naclip", gaussian_std="nan"), "gaussian_std must be a finite number"),
+    (dict(method="rfclip", tau_mult=float("nan")), "tau_mult must be a finite number"),
+    (dict(method="rfclip", theta_a="inf"), "theta_a must be a finite number"),
+    (dict(method="rfclip", beta=True), "beta must be a number, got True"),
+    (dict(method="naclip", gaussian_std=True), "gaussian_std must be a number"),
+    (dict(method="rfclip+fsa+fsa"), "plug-in 'fsa' is named twice"),
+    (dict(method="naclip+fsa", plugins=("fsa",)), "plug-in 'fsa' is named twice"),
+])
+def test_settings_are_checked_before_work_starts(tiny_clip, options, expected):
+    options = dict(options)
+    method = options.pop("method", "clip")
+    with pytest.raises(RfclipError, match=expected):
+        Segmenter(tiny_clip, method=method, text_cache=False, **options)
+
+
+def test_cli_option_beta_true_is_refused_before_loading(photos, tmp_path, capsys, monkeypatch):
+    import rfclip.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_clip", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    code, _, err = run_cli(capsys, "segment", photos / "p0.png", "--classes", "a;b", "--out", tmp_path / "o",
+                           "--option", "beta=true")
+    assert code == 2 and "beta must be a number" in err
+    code, _, err = run_cli(capsys, "segment", photos / "p0.png", "--classes", "a;b", "--out", tmp_path / "o",
+                           "--method", "rfclip+fsa", "--plugin", "fsa")
+    assert code == 2 and "named twice" in err
+
+
+def test_non_finite_scores_name_the_setting_when_the_weights_are_finite(tiny_clip, random_image):
+    s = Segmenter(tiny_clip, method="clip", text_cache=False, short_side=64, pixel_std=(1e-38, 1e-38, 1e-38))
+    with pytest.raises(RfclipError) as err:
+        s.segment(random_image, "cat;dog")
+    assert "pixel_std" in str(err.value) and "checkpoint" not in str(err.value)
+
+
+def test_non_finite_scores_blame_the_checkpoint_when_the_weights_hold_nan(random_image):
+    from conftest import make_clip
+
+    clip = make_clip(seed=3)
+    with torch.no_grad():
+        clip.model.visual.proj[0, 0] = float("nan")
+    s = Segmenter(clip, method="clip", text_cache=False, short_side=64)
+    with pytest.raises(RfclipError, match="weights hold NaN/inf values; check the checkpoint"):
+        s.segment(random_image, "cat;dog")

@@ -37,3 +37,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def check_writable_file(path: str | os.PathLike, fix: str) -> Path:
+    """Check, before any work, that ``path`` can be written: not a folder, and its folder exists and is writable
+    or can be created. Writes nothing. Raises a one-line :class:`RfclipError` ending in ``fix``."""
+    from .errors import RfclipError
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise RfclipError(f"cannot write {path}: it is a folder; {fix}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RfclipError(f"cannot write {path}: {parent} is a file, not a folder; {fix}")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise RfclipError(f"cannot write {path}: permission denied in {parent}; {fix}")
+    return path

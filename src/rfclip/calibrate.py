@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .constants import CLIP_MEAN, CLIP_STD, RF_CALIBRATE_TOPK
+from ._io import check_writable_file
+from .constants import CLIP_MEAN, CLIP_STD, LONG_SIDE_CAP, RF_CALIBRATE_TOPK
 from .dense import DenseCLIP, Hooks
 from .devices import resolve_device
 from .distraction_dims import FILE_FORMAT, dims_file_for, model_identity, write_json_atomic
@@ -85,6 +86,15 @@ def list_images(images, recursive: bool = True) -> list:
     if not items:
         raise RfclipError("no images given for calibration")
     return items
+
+
+def check_image_size(image_size, patch: int) -> None:
+    """The square crop side: at least one patch, at most :data:`LONG_SIDE_CAP` (a larger side only costs memory:
+    100000 px would ask for tens of GB). A one-line :class:`RfclipError`."""
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
+            or not patch <= image_size <= LONG_SIDE_CAP:
+        raise RfclipError(f"image_size must be a whole number from the model's patch size {patch} to "
+                          f"{LONG_SIDE_CAP} px, got {image_size!r}; omit it for the model's native input size")
 
 
 def _square_crop(image: np.ndarray, size: int, device) -> Tensor:
@@ -164,7 +174,12 @@ def calibrate(model, images, topk: int = RF_CALIBRATE_TOPK, *, pretrained: str |
         raise RfclipError(f"topk={topk} is larger than the residual width {encoder.width}")
     if image_size is None:
         image_size = encoder.native_grid[0] * encoder.patch_size[0]
+    check_image_size(image_size, max(encoder.patch_size))
     amp = autocast_dtype(dev, precision)
+    path = None
+    if save:  # checked now, not after the whole computation
+        path = Path(out_file).expanduser() if out_file is not None else dims_file_for(clip, cache_dir)
+        check_writable_file(path, "choose another --out (out_file)")
     items = list_images(images)
     if max_images is not None:
         items = items[: max(1, int(max_images))]
@@ -188,9 +203,7 @@ def calibrate(model, images, topk: int = RF_CALIBRATE_TOPK, *, pretrained: str |
     mean_weight = (total / max(count, 1)).float().cpu().numpy()
     order = np.argsort(-mean_weight, kind="stable")
     dims = tuple(sorted(int(d) for d in order[:topk]))
-    path = None
     if save:
-        path = Path(out_file).expanduser() if out_file is not None else dims_file_for(clip, cache_dir)
         write_json_atomic(path, {
             "format": FILE_FORMAT,
             "model": getattr(clip, "name", None),

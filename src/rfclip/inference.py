@@ -70,6 +70,11 @@ class InferenceConfig:
             setattr(self, name, bool(value))
         if str(self.precision).lower() not in PRECISIONS:
             raise RfclipError(f"unknown precision '{self.precision}'; choose {', '.join(PRECISIONS)}")
+        if not (isinstance(self.pad_crops_to, str) and self.pad_crops_to.strip().lower() == "patch"):
+            self.pad_crops_to = _whole("pad_crops_to", self.pad_crops_to, 0, hint="or 'patch'")
+            if self.pad_crops_to > MAX_CROP_PADDING:
+                raise RfclipError(f"pad_crops_to {self.pad_crops_to} is larger than {MAX_CROP_PADDING} px (every crop "
+                                  f"would be padded to that size); the papers pad to 56 or the patch size")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -77,6 +82,7 @@ class InferenceConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_CROP_PADDING = 512  # pad_crops_to above this only adds zeros (ProxyCLIP pads to 56, ClearCLIP to the patch)
 
 # Crops per forward when ``batch_size`` is None. A GPU needs large batches to be busy. On CPU one 224 crop already
 # keeps the cores busy, and larger batches only make every activation larger: with glibc's default allocator each

@@ -158,15 +158,23 @@ class Segmenter:
                               f"crop of at least {patch} (default 224), or 0 for the whole image")
 
     def _check_finite(self, logits: list[torch.Tensor]) -> None:
-        """Non-finite scores (NaN weights, fp16 overflow) would silently give every pixel class 0."""
+        """Non-finite scores would silently give every pixel class 0. The checkpoint is blamed only when its weights
+        hold NaN/inf; fp16 overflow names the precision; otherwise the settings that produced them are named."""
         if bool(torch.stack([torch.isfinite(lg).all() for lg in logits]).all()):
             return
-        source = getattr(self.clip, "source", "?")
+        model = f"model {getattr(self.clip, 'name', '?')} ({getattr(self.clip, 'source', '?')})"
+        if not all(bool(torch.isfinite(p).all()) for p in self.clip.model.parameters()):
+            raise RfclipError(f"{model} produced non-finite scores: its weights hold NaN/inf values; check the "
+                              "checkpoint (download or copy it again)")
         if self.amp_dtype == torch.float16:
-            fix = "run with precision fp32 or bf16 (fp16 overflows with these weights)"
-        else:
-            fix = "the weights hold NaN/inf values or overflow; check the checkpoint (download or copy it again)"
-        raise RfclipError(f"model {getattr(self.clip, 'name', '?')} ({source}) produced non-finite scores; {fix}")
+            raise RfclipError(f"{model} produced non-finite scores in fp16 (overflow); run with precision fp32 or bf16")
+        defaults = InferenceConfig()
+        changed = {f: getattr(self.config, f) for f in ("logit_scale", "pixel_mean", "pixel_std", "pad_crops_to")
+                   if getattr(self.config, f) != getattr(defaults, f)}
+        given = {**self.method_options, **changed}
+        settings = ", ".join(f"{k}={v}" for k, v in given.items()) or "its default options"
+        raise RfclipError(f"method {self.method_name} produced non-finite scores on {model}, whose weights are "
+                          f"finite; the settings produced them ({settings}): try other values or the defaults")
 
     def forward_encoder(self):
         """The encoder that runs the crops: :attr:`encoder`, or its ``torch.compile`` version with ``compile=True``

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..constants import RF_CALIBRATE_TOPK
+from ..constants import LONG_SIDE_CAP, RF_CALIBRATE_TOPK
 from ..errors import RfclipError
 from . import common
 
@@ -50,6 +50,13 @@ def run(args) -> int:
     if not os.path.exists(args.images):
         raise RfclipError(f"images not found: {args.images}; give a folder of images or an image file")
     common.check_checkpoint_path(args.checkpoint)
+    if args.out is not None:  # before the model loads and the images are read
+        from .._io import check_writable_file
+
+        check_writable_file(args.out, "choose another --out")
+    if args.image_size is not None and args.image_size > LONG_SIDE_CAP:
+        raise RfclipError(f"--image-size {args.image_size} is larger than {LONG_SIDE_CAP} px; give a crop side up to "
+                          f"{LONG_SIDE_CAP} (default: the model's native input size)")
 
     def progress(done: int, total: int) -> None:
         if not args.quiet and sys.stderr.isatty():

@@ -4,8 +4,11 @@ command line coerced to the type of their dataclass field."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
+
+import numpy as np
 
 from ..errors import RfclipError
 
@@ -115,8 +118,10 @@ def coerce_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name, value in options.items():
         kind = types.get(name)
+        if kind in (int, float) and isinstance(value, (bool, np.bool_)):  # beta=true is not 1.0
+            raise ValueError(f"{name} must be a number, got {value!r}")
         if value is None or kind is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            out[name] = value
+            out[name] = _finite(name, value)
             continue
         if kind is bool:
             flag = parse_switch(value, name)
@@ -131,9 +136,19 @@ def coerce_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
                 out[name] = int(value)
             else:
                 out[name] = int(str(value).strip())
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+        out[name] = _finite(name, out[name])
     return out
+
+
+def _finite(name: str, value):
+    """A NaN or infinite number (also inside a list) is never a meaningful option value."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, (float, np.floating)) and not math.isfinite(float(v)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
 
 
 def coerce_fields(obj: Any) -> None:
