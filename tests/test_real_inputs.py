@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import stat
+import re
 
 import numpy as np
 import pytest
@@ -210,3 +209,65 @@ def test_non_finite_scores_blame_the_checkpoint_when_the_weights_hold_nan(random
     s = Segmenter(clip, method="clip", text_cache=False, short_side=64)
     with pytest.raises(RfclipError, match="weights hold NaN/inf values; check the checkpoint"):
         s.segment(random_image, "cat;dog")
+
+
+# ---------------------------------------------------------------------------------------------- 6. messages
+def _special_paths(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.png"
+    os.symlink(loop, loop)
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    return {"named pipe (FIFO)": fifo, "symbolic link loop": loop, "is a folder": folder,
+            "is a device": "/dev/null"}
+
+
+def test_image_paths_that_are_not_files_say_what_they_are(tmp_path):
+    from rfclip.inference import read_image
+
+    for expected, path in _special_paths(tmp_path).items():
+        with pytest.raises(RfclipError, match=re.escape(expected)) as err:
+            read_image(path)  # a FIFO must not block
+        assert "not found" not in str(err.value)
+
+
+def test_unreadable_image_says_permission_denied(tmp_path, monkeypatch):
+    import PIL.Image
+
+    from rfclip.inference import read_image
+
+    path = _image(tmp_path / "locked.png")
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(PIL.Image, "open", denied)
+    with pytest.raises(RfclipError, match="permission denied") as err:
+        read_image(path)
+    assert "valid JPEG" not in str(err.value)
+
+
+def test_checkpoint_and_classes_file_paths_that_are_not_files(tmp_path, capsys, photos):
+    paths = _special_paths(tmp_path)
+    for expected, path in paths.items():
+        if expected == "is a folder":
+            continue  # a folder is a Hugging Face checkpoint
+        code, _, err = run_cli(capsys, "segment", photos / "p0.png", "--classes", "a;b", "--out", tmp_path / "o",
+                               "--checkpoint", path)
+        assert code == 2 and expected in err and "not found" not in err, err
+    for expected, path in paths.items():
+        code, _, err = run_cli(capsys, "segment", photos / "p0.png", "--classes-file", path, "--out", tmp_path / "o")
+        assert code == 2 and expected in err and "not found" not in err, err
+
+
+def test_text_file_as_vfm_checkpoint_says_it_is_not_a_checkpoint(tmp_path):
+    from rfclip.models.vfm import read_state_dict
+
+    notes = tmp_path / "notes.pth"
+    notes.write_text("these are my notes\n")
+    with pytest.raises(RfclipError, match=r"is not a checkpoint \(it holds text\)"):
+        read_state_dict(notes)
+    for expected, path in _special_paths(tmp_path).items():
+        with pytest.raises(RfclipError, match=re.escape(expected)):
+            read_state_dict(path)

@@ -55,3 +55,32 @@ def check_writable_file(path: str | os.PathLike, fix: str) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise RfclipError(f"cannot write {path}: permission denied in {parent}; {fix}")
     return path
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a regular file one can read, in words ("is a folder", "is a named pipe (FIFO)", ...), or
+    None when it is one. Never opens the path (opening a FIFO would wait for a writer forever)."""
+    import errno
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop (a link that points back to itself)"
+        if err.errno == errno.EACCES:
+            return "cannot be reached: permission denied"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "broken symbolic link (its target does not exist)" if os.path.islink(path) else "not found"
+        return f"cannot be read: {err.strerror or err}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO), not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a file"
+    return "is not a regular file"

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._io import check_writable_file
+from ._io import check_writable_file, file_problem
 from .constants import CLIP_MEAN, CLIP_STD, LONG_SIDE_CAP, RF_CALIBRATE_TOPK
 from .dense import DenseCLIP, Hooks
 from .devices import resolve_device
@@ -73,10 +73,12 @@ def list_images(images, recursive: bool = True) -> list:
     """A folder (searched recursively), one file, or a sequence of paths / arrays / PIL images -> a list."""
     if isinstance(images, (str, os.PathLike)):
         root = Path(images).expanduser()
-        if root.is_file():
+        problem = file_problem(root)
+        if problem is None:
             return [root]
         if not root.is_dir():
-            raise RfclipError(f"image folder not found: {root}; give a folder of images")
+            what = f"images not found: {root}" if problem == "not found" else f"images {root}: {problem}"
+            raise RfclipError(f"{what}; give a folder of images or an image file")
         walker = root.rglob("*") if recursive else root.glob("*")
         files = sorted(p for p in walker if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from ._io import file_problem
 from .constants import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, LOGIT_SCALE, LONG_SIDE_CAP, PAMR_DILATIONS, PAMR_STEPS,
                         SHORT_SIDE, SLIDE_CROP, SLIDE_STRIDE)
 from .errors import ImageError, RfclipError
@@ -161,8 +162,11 @@ def read_image(image) -> tuple[np.ndarray, str | None]:
 
 
 def _read_file(path: str) -> tuple[np.ndarray, str | None]:
-    if not os.path.isfile(path):
+    problem = file_problem(path)
+    if problem == "not found":
         raise ImageError(f"image not found: {path}; check the path")
+    if problem is not None:
+        raise ImageError(f"image {path} {problem}; give an image file (JPEG, PNG, ...)")
     try:
         with warnings.catch_warnings():
             # Between Pillow's pixel limit and twice it Pillow only warns; such images are read (and resized).
@@ -175,6 +179,9 @@ def _read_file(path: str) -> tuple[np.ndarray, str | None]:
         size = f"{int(pixels.group(1)) / 1e6:.0f} megapixels, " if pixels else ""
         raise ImageError(f"image {path} is too large to read safely ({size}above Pillow's limit of "
                          f"{2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f}); downscale it first") from None
+    except PermissionError:
+        raise ImageError(f"cannot read image {path}: permission denied; make the file readable "
+                         f"(chmod a+r) or copy it where you can read it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
                          "give a valid JPEG/PNG/WebP/... file") from None

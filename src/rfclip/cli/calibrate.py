@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..constants import LONG_SIDE_CAP, RF_CALIBRATE_TOPK
@@ -47,8 +46,9 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..calibrate import calibrate
 
-    if not os.path.exists(args.images):
-        raise RfclipError(f"images not found: {args.images}; give a folder of images or an image file")
+    from ..calibrate import list_images
+
+    list_images(args.images)  # a missing path, a FIFO or a folder without images: said before the model loads
     common.check_checkpoint_path(args.checkpoint)
     if args.out is not None:  # before the model loads and the images are read
         from .._io import check_writable_file

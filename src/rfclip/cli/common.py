@@ -244,8 +244,13 @@ def check_checkpoint_path(path: str | None) -> None:
     """Fail early (before anything loads) on a checkpoint path that does not exist."""
     if path is None:
         return
-    if not os.path.exists(path):
+    from .._io import file_problem
+
+    problem = file_problem(path)
+    if problem == "not found":
         raise RfclipError(f"checkpoint not found: {path}; check the path given to --checkpoint")
+    if problem is not None and problem != "is a folder, not a file":  # a folder: a Hugging Face checkpoint
+        raise RfclipError(f"checkpoint {path} {problem}; give a checkpoint file or folder to --checkpoint")
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
