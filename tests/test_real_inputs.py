@@ -271,3 +271,42 @@ def test_text_file_as_vfm_checkpoint_says_it_is_not_a_checkpoint(tmp_path):
     for expected, path in _special_paths(tmp_path).items():
         with pytest.raises(RfclipError, match=re.escape(expected)):
             read_state_dict(path)
+
+
+# ---------------------------------------------------------------------------------------------- 12. the house
+def test_library_never_imports_the_command_line_package():
+    import ast
+    from pathlib import Path
+
+    import rfclip
+
+    root = Path(rfclip.__file__).parent
+    upward = []
+    for path in root.rglob("*.py"):
+        if path.parent.name == "cli" or path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = ("." * node.level) + (node.module or "")
+                if module.lstrip(".").split(".")[0] == "cli" or module.startswith("rfclip.cli"):
+                    upward.append(f"{path.relative_to(root)}: {module}")
+    assert upward == []
+    from rfclip.cli import common
+    from rfclip.methods import options
+
+    assert common.parse_options is options.parse_options and common.parse_value is options.parse_value
+    assert options.parse_options(["beta=0.4", "distraction_dims=4,162"]) == {"beta": 0.4, "distraction_dims": [4, 162]}
+
+
+def test_a_torch_tensor_is_an_image(seg, random_image):
+    from rfclip.inference import read_image
+
+    chw = torch.from_numpy(random_image).permute(2, 0, 1)
+    for tensor in (chw, chw[None], torch.from_numpy(random_image), chw.float() / 255, (chw.float() / 255).half()):
+        rgb, _ = read_image(tensor)
+        np.testing.assert_array_equal(rgb, random_image)
+    a = seg.segment(chw, "cat;dog").mask
+    b = seg.segment(random_image, "cat;dog").mask
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(RfclipError, match="image tensor must be"):
+        read_image(torch.zeros(2, 3, 8, 8))

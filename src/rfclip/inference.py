@@ -153,9 +153,12 @@ def read_image(image) -> tuple[np.ndarray, str | None]:
     elif isinstance(image, np.ndarray):
         name = "the image array"
         rgb, conversion = _array_to_rgb(image)
+    elif isinstance(image, torch.Tensor):
+        name = "the image tensor"
+        rgb, conversion = _array_to_rgb(_tensor_to_array(image))
     else:
-        raise ImageError(f"unsupported image type {type(image).__name__}; give a path, a PIL image or an "
-                         "H x W x 3 uint8 array")
+        raise ImageError(f"unsupported image type {type(image).__name__}; give a path, a PIL image, an "
+                         "H x W x 3 uint8 array or a 3 x H x W tensor")
     if conversion:
         log.info("%s: %s", name, conversion)
     return rgb, conversion
@@ -254,6 +257,22 @@ def _to_rgb(values: np.ndarray) -> np.ndarray:
         values = np.repeat(values, 3, axis=2)
     out = np.ascontiguousarray(values[..., :3])
     return out if out.flags.writeable else out.copy()  # torch warns on (and cannot share) read-only arrays
+
+
+def _tensor_to_array(image: Tensor) -> np.ndarray:
+    """A torch image -> an H x W (x C) array: ``(C, H, W)`` as torchvision writes images (or ``(1, C, H, W)``), or
+    ``(H, W, C)`` / ``(H, W)``; values keep their type's meaning (uint8 0..255, float 0..1)."""
+    x = image.detach()
+    if x.dim() == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() == 3 and x.shape[0] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
+        x = x.permute(1, 2, 0)
+    elif x.dim() not in (2, 3):
+        raise ImageError(f"image tensor must be 3 x H x W (or H x W x 3, or 1 x 3 x H x W), got shape "
+                         f"{tuple(image.shape)}")
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
+    return x.cpu().numpy()
 
 
 def _array_to_rgb(image: np.ndarray) -> tuple[np.ndarray, str | None]:

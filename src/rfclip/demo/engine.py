@@ -122,7 +122,7 @@ def read_image(path: str | os.PathLike | None, max_megapixels: float = MAX_MEGAP
 def parse_option_text(text: str | None) -> dict:
     """The page's "method options" field, ``"beta=0.6 distraction_dims=4,162"`` (items separated by spaces or
     ``;``), as ``--option`` items."""
-    from ..cli.common import parse_options
+    from ..methods.options import parse_options
 
     items = (text or "").replace(";", " ").split()
     return parse_options(items)
