@@ -112,7 +112,7 @@ def ckpt(tiny_clip, tmp_path_factory):
     from safetensors.torch import save_file
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_clip.model.state_dict().items()}, str(path))
+    save_file({k: v.half().contiguous() for k, v in tiny_clip.model.state_dict().items()}, str(path))  # OpenAI-like
     return path
 
 
@@ -310,3 +310,53 @@ def test_a_torch_tensor_is_an_image(seg, random_image):
     np.testing.assert_array_equal(a, b)
     with pytest.raises(RfclipError, match="image tensor must be"):
         read_image(torch.zeros(2, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------- 10. outputs
+def test_json_records_what_was_used(tiny_clip, ckpt, photos, tmp_path, capsys):
+    import hashlib
+
+    code, _, err = run_cli(capsys, "segment", photos / "p0.png", "--classes", "road;sky", "--checkpoint", ckpt,
+                           "--method", "rfclip", "--option", "distraction_dims=3,7", "--short-side", 64,
+                           "--device", "cpu", "--out", tmp_path / "out", "-q")
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "p0.json").read_text())
+    assert record["crops_per_forward"] == 8  # the CPU default, not null
+    assert record["distraction_dims"] == {"dims": [3, 7], "source": "distraction_dims option"}
+    assert record["templates"]["set"] == "imagenet-80 (CLIP)" and record["templates"]["count"] == 80
+    assert record["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
+def test_legend_names_are_not_cut_on_small_images(monkeypatch):
+    from rfclip import viz
+
+    cut = []
+    real = viz._truncate
+    monkeypatch.setattr(viz, "_truncate", lambda *a: cut.append(real(*a)) or cut[-1])
+    mask = np.zeros((40, 48), np.int64)
+    mask[20:] = 1
+    picture = viz.overlay(np.zeros((40, 48, 3), np.uint8), mask, ["road", "sidewalk"])
+    assert cut == ["road", "sidewalk"]
+    assert picture.width > 48 + 80 and picture.height >= 40
+
+
+def test_pillow_warnings_do_not_reach_stderr(tmp_path, capsys):
+    import warnings
+
+    from rfclip.inference import read_image
+
+    path = tmp_path / "badexif.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(
+        path, exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_image(path)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_not_evaluated_list_does_not_repeat_the_dataset_name():
+    from rfclip.evaluate import _without_name
+
+    assert _without_name("Context60: none of VOCdevkit/VOC2010 exists under --root-dir /d", "Context60") \
+        == "none of VOCdevkit/VOC2010 exists under --root-dir /d"
+    assert _without_name("VOC21 root /d: no *.png labels", "VOC21") == "root /d: no *.png labels"

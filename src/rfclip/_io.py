@@ -84,3 +84,32 @@ def file_problem(path: str | os.PathLike) -> str | None:
     if stat.S_ISSOCK(mode):
         return "is a socket, not a file"
     return "is not a regular file"
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """SHA-256 of a file, or of a folder's files (name and content, sorted), to say which weights were used; None
+    when it cannot be read. Remembered per (path, size, modification time): a run hashes a checkpoint once."""
+    import hashlib
+
+    path = Path(path)
+    try:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        if key not in _HASHES:
+            total = hashlib.sha256()
+            for p in files:
+                digest = hashlib.sha256()
+                with open(p, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                if len(files) == 1 and p == path:
+                    total = digest
+                else:
+                    total.update(f"{p.relative_to(path)}\0{digest.hexdigest()}\n".encode())
+            _HASHES[key] = total.hexdigest()
+        return _HASHES[key]
+    except OSError:
+        return None

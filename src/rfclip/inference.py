@@ -144,6 +144,19 @@ def read_image(image) -> tuple[np.ndarray, str | None]:
     Anything else cannot be interpreted and is refused with a one-line :class:`ImageError` naming the conversion
     to make: NaN or infinite values, float values outside 0..1, other integer types, 32-bit integer files.
     """
+    with warnings.catch_warnings(record=True) as caught:  # Pillow's warnings ("Corrupt EXIF data") go to the log
+        warnings.simplefilter("always")
+        try:
+            return _read_image(image)
+        finally:
+            for w in caught:
+                if "PIL" in w.filename or issubclass(w.category, Image.DecompressionBombWarning):
+                    log.info("%s: %s", image if isinstance(image, (str, os.PathLike)) else "the image", w.message)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _read_image(image) -> tuple[np.ndarray, str | None]:
     if isinstance(image, (str, os.PathLike)):
         name = os.fspath(image)
         rgb, conversion = _read_file(name)

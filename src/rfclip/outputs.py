@@ -95,6 +95,7 @@ def segmentation_record(path: Path, seg, segmenter, files: dict[str, Path], seco
         "precision": {"asked": segmenter.config.precision,
                       "used": str(segmenter.amp_dtype).replace("torch.", "") if segmenter.amp_dtype else "float32"},
         "settings": dataclasses.asdict(segmenter.config),
+        **segmenter.provenance(checkpoint),  # crops per forward used, distraction dims, templates, checkpoint hash
         "seconds": round(seconds, 3),
         "rfclip_version": __version__,
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -83,6 +85,7 @@ class Segmenter:
                  plugins: Sequence[str] = (), checkpoint: str | os.PathLike | None = None, device=None,
                  templates: Sequence[str] | None = None, text_cache=None, quick_gelu: bool | None = None, **options):
         self.device = resolve_device(device)
+        self.checkpoint = checkpoint
         method_options, config_options = _split_options(method, plugins, options)
         self.config = _checked(InferenceConfig(**config_options))
         self.method_options = method_options  # as given (not the defaults): preset method options never override them
@@ -240,6 +243,30 @@ class Segmenter:
                 input_conversion=conversion,
             ))
         return out
+
+    def provenance(self, checkpoint: str | os.PathLike | None = None) -> dict:
+        """What a result was made with beyond the settings, for result files: the crops per forward actually used,
+        the distraction dims and where they came from (built in, a calibration file, the option), the prompt
+        templates, and the SHA-256 of the checkpoint file (a path alone does not say which weights)."""
+        from ._io import file_sha256
+        from .text import imagenet_templates
+
+        dims = None
+        for method in (self.method, getattr(self.method, "base", None)):  # a plug-in wraps its method
+            resolved = getattr(method, "resolved_dims", None)
+            if resolved is not None and resolved.values is not None:
+                dims = {"dims": list(resolved.values), "source": resolved.source}
+                break
+        templates = list(self.text.templates)
+        checkpoint = checkpoint if checkpoint is not None else self.checkpoint
+        return {
+            "crops_per_forward": crops_per_forward(self.config.batch_size, self.device),
+            "distraction_dims": dims,
+            "templates": {"set": "imagenet-80 (CLIP)" if templates == imagenet_templates() else "custom",
+                          "count": len(templates),
+                          "sha256": hashlib.sha256(json.dumps(templates).encode()).hexdigest()},
+            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+        }
 
     def __repr__(self) -> str:
         return (f"Segmenter(model={self.clip.name!r}, source={self.clip.source!r}, method={self.method_name!r}, "
