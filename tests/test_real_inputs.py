@@ -354,9 +354,43 @@ def test_pillow_warnings_do_not_reach_stderr(tmp_path, capsys):
     assert [str(w.message) for w in caught] == []
 
 
-def test_not_evaluated_list_does_not_repeat_the_dataset_name():
-    from rfclip.evaluate import _without_name
+def test_not_evaluated_list_does_not_repeat_the_dataset_name(tmp_path):
+    from rfclip.data.datasets import find_dataset_root
+    from rfclip.evaluate import summary_markdown
 
-    assert _without_name("Context60: none of VOCdevkit/VOC2010 exists under --root-dir /d", "Context60") \
-        == "none of VOCdevkit/VOC2010 exists under --root-dir /d"
-    assert _without_name("VOC21 root /d: no *.png labels", "VOC21") == "root /d: no *.png labels"
+    with pytest.raises(RfclipError) as err:
+        find_dataset_root("context60", tmp_path)
+    result = {"miou": 50.0, "aacc": 90.0, "num_images": 10, "images_per_s": 2.0, "split": "val", "limit": None,
+              "model": {"name": "ViT-B-32", "pretrained": "openai", "source": "open_clip:openai"}, "method": "naclip",
+              "method_options": {}, "preset": "default", "precision": "float32", "device": "cpu", "world_size": 1,
+              "overrides": {}, "settings": {"short_side": 336, "slide_crop": 224, "slide_stride": 112,
+                                             "logit_scale": 40.0, "prob_thd": 0.0, "area_thd": None, "pamr": False}}
+    md = summary_markdown({"voc20": result}, missing={"context60": str(err.value)})
+    line = next(line for line in md.splitlines() if line.startswith("- Context60"))
+    assert line.count("Context60") == 1, line
+
+
+# ---------------------------------------------------------------------------------------------- 7. calibrate
+def test_calibrate_skips_an_unreadable_image_and_warns_on_weak_peaks(ckpt, photos, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(photos, folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (folder / "._p0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: not an input
+    out = tmp_path / "dims.json"
+    code, stdout, err = run_cli(capsys, "calibrate", folder, "--checkpoint", ckpt, "--device", "cpu", "--out", out,
+                                "--topk", 2, "--quiet")
+    assert code == 2 and err.count("(skipped)") == 1 and "broken.png" in err and "._p0" not in err, err
+    assert "distraction dims from 3 images (1 unreadable skipped)" in stdout
+    assert "warning: the peaks are weak" in err and "100 or more natural photos" in err
+    assert json.loads(out.read_text())["num_images"] == 3
+
+
+def test_calibrate_api_result_says_weak_peaks(tiny_clip, photos):
+    from rfclip.calibrate import calibrate
+
+    result = calibrate(tiny_clip, photos, topk=2, save=False, device="cpu")
+    assert result.weakest_peak < 2.0 and "calibrate on 100 or more natural photos" in result.warning()
+    with pytest.raises(RfclipError, match="none of the 1 images could be read"):
+        calibrate(tiny_clip, [np.zeros((4, 4), np.int32)], save=False, device="cpu")

@@ -444,6 +444,8 @@ def summary_markdown(results: Mapping[str, dict], missing: Mapping[str, str] | N
 
 
 def _title(name: str) -> str:
+    from .data import DATASETS
+
     return DATASETS[name].title if name in DATASETS else name
 
 

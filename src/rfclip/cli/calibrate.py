@@ -69,7 +69,13 @@ def run(args) -> int:
     reuse_cpu_memory_from_env(device)
     clip = load_clip(args.model, args.pretrained, checkpoint=args.checkpoint, device=device, quick_gelu=args.quick_gelu)
     result = calibrate(clip, args.images, topk=args.topk, device=device, image_size=args.image_size, batch_size=args.batch_size,
-                       max_images=args.max_images, out_file=args.out, precision=args.precision, progress=progress)
+                       max_images=args.max_images, out_file=args.out, precision=args.precision, progress=progress,
+                       on_skip=lambda message: print(f"rfclip: {message}", file=sys.stderr, flush=True))
     print(result.summary())
+    if result.warning():
+        print(f"rfclip: warning: {result.warning()}", file=sys.stderr)
     print("distraction_dims=" + ",".join(str(d) for d in result.dims))
+    if result.skipped:  # as `rfclip segment`: the others were used, and the run says so in its status
+        raise RfclipError(f"{len(result.skipped)} of {result.num_images + len(result.skipped)} images could not be "
+                          "read and were skipped (see above); fix or remove them and calibrate again")
     return 0
