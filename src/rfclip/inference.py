@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, fields
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -454,7 +454,7 @@ def _amp(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 def image_cls_tokens(encoder, method, images: Sequence[Tensor], batch_size: int = 64,
-                     amp_dtype: torch.dtype | None = None) -> list[Tensor]:
+                     amp_dtype: torch.dtype | None = None, check_in: Callable[[], None] | None = None) -> list[Tensor]:
     """The [CLS] embedding (D,) fp32 of each whole image, from ``cls_only`` forwards batched by image shape
     (for methods whose logits use the whole image's [CLS] with a sliding window, e.g. ``rfclip_release``)."""
     out: list[Tensor | None] = [None] * len(images)
@@ -463,6 +463,8 @@ def image_cls_tokens(encoder, method, images: Sequence[Tensor], batch_size: int 
         by_shape.setdefault(tuple(img.shape[-2:]), []).append(idx)
     for indices in by_shape.values():
         for chunk in _chunks(indices, batch_size):
+            if check_in is not None:
+                check_in()
             with _amp(images[chunk[0]].device, amp_dtype):
                 cls = encoder(torch.stack([images[i] for i in chunk]), method, cls_only=True).cls  # (B, D)
             if cls is None:
@@ -474,14 +476,17 @@ def image_cls_tokens(encoder, method, images: Sequence[Tensor], batch_size: int 
 
 
 def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, crop: int, stride: int,
-                 batch_size: int = 64, amp_dtype: torch.dtype | None = None, pad_to: int = 0) -> list[Tensor]:
+                 batch_size: int = 64, amp_dtype: torch.dtype | None = None, pad_to: int = 0,
+                 check_in: Callable[[], None] | None = None) -> list[Tensor]:
     """Cosine logits per query for preprocessed images, averaged over sliding-window crops.
 
     ``images``: list of (3, H_i, W_i) normalised tensors. Crops of all images are grouped by shape and run
     ``batch_size`` at a time; ``pad_to`` > 0 zero-pads each crop to multiples of it (:func:`crop_padding`) and
     cuts the padding off the upsampled logits. The method's ``logits`` hook turns each crop's features (and its
     [CLS]: the crop's own, or with ``needs_image_cls`` the whole image's from :func:`image_cls_tokens` when the
-    image has several windows) into logits. Returns a list of (Q, H_i, W_i) fp32 tensors (before softmax).
+    image has several windows) into logits. ``check_in`` is called before every forward chunk and may raise to stop
+    the work (the demo stops a request whose client has gone). Returns a list of (Q, H_i, W_i) fp32 tensors (before
+    softmax).
     """
     device = images[0].device
     text_features = text.features.to(device=device, dtype=torch.float32)  # (Q, D)
@@ -503,11 +508,13 @@ def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, c
     image_cls: dict[int, Tensor] = {}
     if windowed and getattr(method, "needs_image_cls", False):  # a single window is the whole image: its own [CLS]
         image_cls = dict(zip(windowed, image_cls_tokens(encoder, method, [images[i] for i in windowed], batch_size,
-                                                        amp_dtype)))
+                                                        amp_dtype, check_in)))
     for shape, crops in by_shape.items():
         left, right, top, bottom = crop_padding(*shape, pad_to)
         padded = (shape[0] + top + bottom, shape[1] + left + right)
         for chunk in _chunks(crops, batch_size):
+            if check_in is not None:
+                check_in()
             batch = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])  # (B, 3, h, w)
             if padded != shape:
                 batch = F.pad(batch, (left, right, top, bottom))

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -104,6 +104,7 @@ class Segmenter:
         self.encoder = DenseCLIP(self.clip.model.visual).to(self.device)
         self._check_config(self.config)
         self._compiled: dict = {}  # the torch.compile'd encoder, shared with with_config copies
+        self.check_in: Callable[[], None] | None = None  # called between forward chunks; raises to stop (demo)
         self.method.prepare(self.clip)
         self.text = TextClassifier(self.clip, templates=templates, device=self.device, cache_dir=text_cache)
 
@@ -203,7 +204,8 @@ class Segmenter:
         padded = [pad_to_patch(x, self.encoder.patch_size) for x in inputs]  # sides below one patch
         logits = dense_logits(self.forward_encoder(), self.method, padded, text, cfg.slide_crop, cfg.slide_stride,
                               crops_per_forward(cfg.batch_size, self.device), self.amp_dtype,
-                              pad_to=padding_multiple(cfg.pad_crops_to, self.encoder.patch_size[0]))
+                              pad_to=padding_multiple(cfg.pad_crops_to, self.encoder.patch_size[0]),
+                              check_in=self.check_in)
         logits = [lg[:, :x.shape[-2], :x.shape[-1]] for lg, x in zip(logits, inputs)]  # padding cut off
         del padded
         self._check_finite(logits)
