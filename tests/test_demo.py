@@ -442,3 +442,44 @@ def test_demo_warns_without_authentication_on_the_network(monkeypatch, tmp_path,
     err = capsys.readouterr().err
     assert code == 0 and "no authentication" not in err and served["auth"] == ("ana", "s3cret")
     assert main(["demo", "--auth", "nopassword"]) == 2
+
+
+def test_demo_on_sigterm_removes_its_request_folders_and_uploads(tiny_clip, tmp_path, images):
+    """`timeout`, docker and systemd stop the demo with SIGTERM: it must clean up as on Ctrl+C, uploads included."""
+    pytest.importorskip("gradio")
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gradio_client import Client, handle_file
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file({k: v.half().contiguous() for k, v in tiny_clip.model.state_dict().items()}, str(ckpt))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    port = _free_port()
+    env = {**__import__("os").environ, "TMPDIR": str(scratch), "RFCLIP_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("GRADIO_TEMP_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "rfclip", "demo", "--checkpoint", str(ckpt), "--device", "cpu",
+                             "--short-side", "64", "--method", "naclip", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        for line in proc.stdout:  # wait until it serves
+            if "serving on" in line:
+                break
+            assert time.monotonic() < deadline, "the demo did not start"
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        status, *_ = client.predict(handle_file(str(images / "photo.png")), "a;b", "naclip", False, 0.0, 64, 224, 112,
+                                    "", api_name="/segment")
+        assert "naclip:" in status
+        assert any(scratch.rglob("photo*.png"))  # an upload and a request folder exist now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sorted(p.name for p in scratch.iterdir()) == [], sorted(map(str, scratch.rglob("*")))  # nothing left

@@ -7,7 +7,10 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 from ..errors import RfclipError, WeightsNotFoundError
 from . import common
@@ -127,6 +130,29 @@ def _option_text(options: dict) -> str:
 
 
 def run(args) -> int:
+    """Everything the demo writes (request folders, Gradio's upload cache) lives in one folder it owns and removes
+    on exit, Ctrl+C or SIGTERM."""
+    out_root = Path(tempfile.mkdtemp(prefix="rfclip-demo-"))
+    upload_dir = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(out_root / "uploads")  # before Gradio is imported: it reads it then
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None  # docker, systemd, timeout
+    try:
+        return _run(args, out_root)
+    except KeyboardInterrupt:
+        print("rfclip demo: stopped", file=sys.stderr)
+        return 0
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        if upload_dir is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = upload_dir
+        shutil.rmtree(out_root, ignore_errors=True)
+
+
+def _run(args, out_root: Path) -> int:
     _require_gradio()
     from ..demo.app import build_app, serve
     from ..demo.engine import DemoEngine, Limits, ModelInfo, Settings, all_method_options
@@ -167,11 +193,8 @@ def run(args) -> int:
                      device=str(base.device) if base is not None else "")
     limits = Limits(**{name: getattr(args, name) for name in ("max_crops", "max_short_side", "max_pamr_steps",
                                                               "max_classes", "max_prompts", "request_seconds")})
-    engine = DemoEngine(base, info, unavailable=unavailable, max_megapixels=args.max_megapixels, limits=limits)
-    # Gradio's upload cache goes inside the folder the demo owns (and removes), not /tmp/gradio.
-    upload_dir = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(engine.out_root / "uploads")
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # `timeout`, docker, systemd stop with SIGTERM
+    engine = DemoEngine(base, info, unavailable=unavailable, max_megapixels=args.max_megapixels, limits=limits,
+                        out_root=out_root)
     app = None
     try:
         app = build_app(engine, method=spec, settings=Settings(options=_option_text(method_options)))
@@ -179,18 +202,9 @@ def run(args) -> int:
         print(f"rfclip demo: serving on {url} (Ctrl+C stops it)", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        print("rfclip demo: stopped", file=sys.stderr)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if upload_dir is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = upload_dir
         if app is not None:
             app.close()
-        shutil.rmtree(engine.out_root, ignore_errors=True)
-    return 0
 
 
 def _stop_on_sigterm(signum, frame):
