@@ -376,7 +376,7 @@ def test_api_errors_are_errors_and_outputs_have_names(served, images):
         client.predict(handle_file(str(images / "notes.txt")), "a;b", "naclip", *_knobs().values(), api_name="/segment")
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     returns = [r["label"] for r in api["/segment"]["returns"]]
-    assert returns[:4] == ["Status", "Segmentation", "Legend", "Pixel read-out"], returns
+    assert len(returns) == 5 and returns[:4] == ["Status", "Segmentation", "Legend", "Pixel read-out"], returns
     assert not any(r.startswith("value_") for e in api.values() for r in (x["label"] for x in e["returns"]))
     params = [p["label"] for p in api["/look_inside"]["parameters"]]
     assert "Query point x (px)" in params and "Query point y (px)" in params
