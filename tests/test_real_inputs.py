@@ -72,6 +72,7 @@ def test_classes_file_with_bom_and_crlf(tmp_path, capsys, monkeypatch):
 
 def test_segment_batch_of_no_images_is_empty_and_classes_are_checked(seg):
     assert seg.segment_batch([], "cat;dog") == []
+    assert seg.predict([], seg.encode_classes("cat;dog")) == []
     with pytest.raises(RfclipError, match="listed twice"):
         seg.segment_batch([], "cat;Cat")
 
@@ -172,6 +173,8 @@ def test_calibrate_api_checks_out_file_before_computing(tiny_clip, photos, tmp_p
     (dict(method="rfclip", beta=True), "beta must be a number, got True"),
     (dict(method="naclip", gaussian_std=True), "gaussian_std must be a number"),
     (dict(method="rfclip+fsa+fsa"), "plug-in 'fsa' is named twice"),
+    (dict(pixel_mean=(float("inf"), 0, 0)), "pixel_mean / pixel_std must be 3 RGB values"),
+    (dict(pixel_std=(1.0, float("inf"), 1.0)), "pixel_mean / pixel_std must be 3 RGB values"),
     (dict(method="naclip+fsa", plugins=("fsa",)), "plug-in 'fsa' is named twice"),
 ])
 def test_settings_are_checked_before_work_starts(tiny_clip, options, expected):

@@ -397,9 +397,10 @@ def padding_multiple(pad_crops_to: int | str, patch_size: int) -> int:
 
 
 def check_pixel_stats(mean: Sequence[float], std: Sequence[float]) -> None:
-    """Three RGB means and three positive standard deviations (0-255 scale)."""
+    """Three finite RGB means and three finite positive standard deviations (0-255 scale)."""
     try:
-        ok = len(mean) == 3 and len(std) == 3 and all(float(v) > 0 for v in std) and all(float(v) == float(v) for v in mean)
+        ok = (len(mean) == 3 and len(std) == 3 and all(math.isfinite(float(v)) and float(v) > 0 for v in std)
+              and all(math.isfinite(float(v)) for v in mean) and not any(isinstance(v, bool) for v in (*mean, *std)))
     except (TypeError, ValueError):
         ok = False
     if not ok:

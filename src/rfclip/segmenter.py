@@ -197,6 +197,8 @@ class Segmenter:
         Returns a list of ``(mask, probs)`` torch tensors at each image's original size.
         """
         cfg = self.config
+        if len(images) == 0:
+            return []
         if cfg.prob_thd > 0 and cfg.background_class >= text.num_classes:
             raise RfclipError(f"background_class {cfg.background_class} is not one of the {text.num_classes} classes; "
                               f"give an index below {text.num_classes}")

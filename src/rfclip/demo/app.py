@@ -253,8 +253,8 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                 image_status = gr.HTML(elem_id="image-status")
                 classes = gr.Textbox(label="Classes", lines=2, elem_id="classes",
                                      placeholder="road; car; tree; sky; building",
-                                     info='";" between classes, "," between synonyms ("cat, kitty; dog"); without '
-                                          'any ";", commas separate classes')
+                                     info='";" or a new line between classes, "," between synonyms ("cat, kitty; '
+                                          'dog"); without either, commas separate classes')
                 vocabulary = gr.Dropdown([OWN_VOCABULARY, *VOCABULARIES], value=OWN_VOCABULARY,
                                          label="or a ready vocabulary", elem_id="vocabulary")
                 example = example_image()
