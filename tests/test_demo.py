@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 
 import numpy as np
@@ -225,8 +226,8 @@ def _demo_args(monkeypatch):
 
     served = {}
 
-    def fake_serve(app, host, port, allowed_paths=None):
-        served.update(app=app, host=host, port=port)
+    def fake_serve(app, host, port, allowed_paths=None, auth=None):
+        served.update(app=app, host=host, port=port, auth=auth)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo_app, "serve", fake_serve)
@@ -291,3 +292,194 @@ def test_demo_without_gradio_says_how_to_install(monkeypatch, capsys):
 def test_model_label():
     info = ModelInfo("ViT-B-16", None, "/w/ViT-B-16.pt", "cpu")
     assert info.label() == "ViT-B-16 (checkpoint ViT-B-16.pt)"
+
+
+# ---------------------------------------------------------------------------------------------- limits and the API
+def test_a_request_over_the_limits_is_refused_naming_the_limit(engine, images):
+    from rfclip.demo.engine import Limits
+
+    photo = str(images / "photo.png")
+    tight = DemoEngine(engine.base, engine.info, out_root=engine.out_root,
+                       limits=Limits(max_classes=2, max_prompts=3, max_short_side=512, max_crops=50))
+    cases = [
+        (lambda: tight.segment(photo, "a;b;c", "naclip", settings()), "over this demo's limit of 2 per request (--max-classes)"),
+        (lambda: tight.segment(photo, "a,b;c,d", "naclip", settings()), "(--max-prompts)"),
+        (lambda: tight.segment(photo, "a;b", "naclip", settings(short_side=2048)), "short side 2048 is over this demo's limit of 512 px (--max-short-side)"),
+        (lambda: tight.segment(photo, "a;b", "naclip", settings(slide_stride=1)), "(--max-crops)"),
+        (lambda: tight.compare(photo, "a;b", "clip", "naclip", settings(slide_stride=2)), "(--max-crops)"),
+    ]
+    for call, expected in cases:
+        with pytest.raises(RfclipError, match=re.escape(expected)):
+            call()
+    tight.segment(photo, "a;b", "naclip", settings(short_side=0, slide_crop=0))  # its own 150 px: within them
+    pamr = DemoEngine(engine.base.with_config(pamr_steps=50), engine.info, out_root=engine.out_root,
+                      limits=Limits(max_pamr_steps=20))
+    with pytest.raises(RfclipError, match=re.escape("50 PAMR steps is over this demo's limit of 20 (--max-pamr-steps)")):
+        pamr.segment(photo, "a;b", "naclip", settings(pamr=True))
+
+
+def test_a_cancelled_request_stops_between_forward_chunks_and_the_next_is_served(engine, images):
+    from rfclip.demo.engine import Limits, RequestStopped
+
+    photo = str(images / "photo.png")
+    big = DemoEngine(engine.base.with_config(batch_size=2), engine.info, out_root=engine.out_root,
+                     limits=Limits(max_crops=10**7, max_short_side=4096))
+    asked = []
+
+    def cancelled_after_three_chunks():
+        asked.append(1)
+        return len(asked) > 3
+
+    with pytest.raises(RequestStopped, match="cancelled"):  # about 300,000 crops: it stops after 3 chunks
+        big.segment(photo, "a;b", "naclip", settings(short_side=1024, slide_stride=1),
+                    should_stop=cancelled_after_three_chunks)
+    assert len(asked) == 4 and not big._lock.locked()
+    assert big.segment(photo, "a;b", "naclip", settings()).classes == ["a", "b"]
+    late = DemoEngine(engine.base, engine.info, out_root=engine.out_root, limits=Limits(request_seconds=1e-9))
+    with pytest.raises(RfclipError, match=re.escape("this demo's limit per request (--request-timeout)")):
+        late.segment(photo, "a;b", "naclip", settings())
+
+
+@pytest.fixture(scope="module")
+def served(engine, tiny_clip, tmp_path_factory):
+    """The page served over HTTP (distraction dims given as a method option), with limits raised so that one
+    request can run for minutes."""
+    pytest.importorskip("gradio")
+    from gradio_client import Client
+
+    from rfclip.demo.app import build_app, serve
+    from rfclip.demo.engine import Limits
+
+    eng = DemoEngine(engine.base.with_config(batch_size=2), engine.info, out_root=tmp_path_factory.mktemp("served"),
+                     limits=Limits(max_crops=10**7, max_short_side=4096, max_classes=3))
+    app = build_app(eng, method="rfclip", settings=Settings(options=DIMS))
+    url = serve(app, "127.0.0.1", _free_port())
+    try:
+        yield eng, app, Client(url, verbose=False, download_files=False)
+    finally:
+        app.close()
+
+
+def _knobs(short_side=224, stride=112):
+    return dict(pamr_v=False, thd_v=0.0, short_v=short_side, crop_v=224, stride_v=stride, options_v="")
+
+
+def test_api_errors_are_errors_and_outputs_have_names(served, images):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    eng, app, client = served
+    photo = handle_file(str(images / "photo.png"))
+    with pytest.raises(AppError, match=re.escape("(--max-classes)")):
+        client.predict(photo, "a;b;c;d", "naclip", *_knobs().values(), api_name="/segment")
+    with pytest.raises(AppError, match="cannot read image notes.txt"):
+        client.predict(handle_file(str(images / "notes.txt")), "a;b", "naclip", *_knobs().values(), api_name="/segment")
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    returns = [r["label"] for r in api["/segment"]["returns"]]
+    assert len(returns) == 5 and returns[:4] == ["Status", "Segmentation", "Legend", "Pixel read-out"], returns
+    assert not any(r.startswith("value_") for e in api.values() for r in (x["label"] for x in e["returns"]))
+    params = [p["label"] for p in api["/look_inside"]["parameters"]]
+    assert "Query point x (px)" in params and "Query point y (px)" in params
+    status, *_ = client.predict(photo, "a;b", "naclip", *_knobs().values(), api_name="/segment")
+    assert "naclip:" in status and "Error" not in status
+
+
+def test_api_look_inside_takes_the_query_point(served, images):
+    from gradio_client import handle_file
+
+    eng, app, client = served
+    out = client.predict(handle_file(str(images / "photo.png")), "rfclip", "all", 30.0, 20.0,
+                         False, 0.0, 224, 224, 112, DIMS, api_name="/look_inside")
+    assert "point (30, 20)" in out[0], out[0]
+
+
+def test_api_cancelled_request_frees_the_model_for_the_next(served, images):
+    import time
+
+    from gradio_client import handle_file
+
+    eng, app, client = served
+    photo = handle_file(str(images / "photo.png"))
+    job = client.submit(photo, "a;b", "naclip", *_knobs(short_side=1024, stride=1).values(), api_name="/segment")
+    deadline = time.monotonic() + 60
+    while not eng._lock.locked():  # the long request holds the model
+        assert time.monotonic() < deadline, "the long request never started"
+        time.sleep(0.05)
+    job.cancel()
+    quick = client.submit(photo, "a;b", "naclip", *_knobs().values(), api_name="/segment")
+    status, *_ = quick.result(timeout=120)  # a guard against a hang, not a timing: waiting would take hours
+    assert "naclip: " in status, status
+
+
+def test_page_says_when_the_weights_have_no_distraction_dims(engine):
+    pytest.importorskip("gradio")
+    from rfclip.demo.app import build_app
+
+    def element(app, elem_id):
+        return next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+    app = build_app(engine, method="rfclip")  # random weights: no built-in, calibrated or given dims
+    banner = element(app, "no-dims")
+    assert "RF-CLIP cannot run with these weights" in banner.value and "rfclip calibrate" in banner.value
+    method = element(app, "segment-method")
+    choices = [c[0] if isinstance(c, tuple) else c for c in method.choices]
+    assert method.value == "naclip" and "rfclip" not in choices and "naclip" in choices
+    with_dims = build_app(engine, method="rfclip", settings=Settings(options=DIMS))
+    assert element(with_dims, "segment-method").value == "rfclip"
+    assert not any(getattr(b, "elem_id", None) == "no-dims" for b in with_dims.blocks.values())
+
+
+def test_demo_warns_without_authentication_on_the_network(monkeypatch, tmp_path, capsys, images):
+    pytest.importorskip("gradio")
+    served = _demo_args(monkeypatch)
+    monkeypatch.setattr("rfclip.cli.demo.check_address", lambda host, port: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code = main(["demo", "--device", "cpu", "--host", "0.0.0.0", "--max-crops", "9", "--port", str(_free_port())])
+    err = capsys.readouterr().err
+    assert code == 0 and "has no authentication" in err and "--auth USER:PASSWORD" in err
+    code = main(["demo", "--device", "cpu", "--host", "0.0.0.0", "--auth", "ana:s3cret", "--port", str(_free_port())])
+    err = capsys.readouterr().err
+    assert code == 0 and "no authentication" not in err and served["auth"] == ("ana", "s3cret")
+    assert main(["demo", "--auth", "nopassword"]) == 2
+
+
+def test_demo_on_sigterm_removes_its_request_folders_and_uploads(tiny_clip, tmp_path, images):
+    """`timeout`, docker and systemd stop the demo with SIGTERM: it must clean up as on Ctrl+C, uploads included."""
+    pytest.importorskip("gradio")
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gradio_client import Client, handle_file
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file({k: v.half().contiguous() for k, v in tiny_clip.model.state_dict().items()}, str(ckpt))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    port = _free_port()
+    env = {**__import__("os").environ, "TMPDIR": str(scratch), "RFCLIP_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("GRADIO_TEMP_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "rfclip", "demo", "--checkpoint", str(ckpt), "--device", "cpu",
+                             "--short-side", "64", "--method", "naclip", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        for line in proc.stdout:  # wait until it serves
+            if "serving on" in line:
+                break
+            assert time.monotonic() < deadline, "the demo did not start"
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        status, *_ = client.predict(handle_file(str(images / "photo.png")), "a;b", "naclip", False, 0.0, 64, 224, 112,
+                                    "", api_name="/segment")
+        assert "naclip:" in status
+        assert any(scratch.rglob("photo*.png"))  # an upload and a request folder exist now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sorted(p.name for p in scratch.iterdir()) == [], sorted(map(str, scratch.rglob("*")))  # nothing left

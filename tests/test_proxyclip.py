@@ -254,8 +254,12 @@ def test_bad_vfm_names_and_files(tmp_path):
         load_vfm("dino", checkpoint=tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RfclipError, match="cannot read"):
+    with pytest.raises(RfclipError, match=r"is not a checkpoint \(it holds text\)"):
         load_vfm("dino", checkpoint=bad)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"PK\x03\x04" + b"\x00" * 40)  # looks like a torch.save zip, but is cut off
+    with pytest.raises(RfclipError, match="cannot read"):
+        load_vfm("dino", checkpoint=broken)
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def test_overlay_many_classes_and_ignore():
     mask[:4] = 255
     names = [f"class {i}" for i in range(80)]
     out = viz.overlay(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), mask, names)
-    assert out.height == 64 and out.width > 64
+    assert out.height >= 64 and out.width > 64  # a small image gets a legend panel taller than itself
     # All pixels ignored: no legend panel.
     out = viz.overlay(np.zeros((10, 12, 3), np.uint8), np.full((10, 12), 255), names)
     assert out.size == (12, 10)

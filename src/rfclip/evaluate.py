@@ -467,8 +467,22 @@ def summary_markdown(results: Mapping[str, dict], missing: Mapping[str, str] | N
                      + "".join(f", {k} {r['method_options'].get(k)}" for k in varying) + " |")
     if missing:
         lines.extend(["", "## Not evaluated", ""])
-        lines.extend(f"- {DATASETS[n].title if n in DATASETS else n}: {reason}" for n, reason in missing.items())
+        lines.extend(f"- {_title(n)}: {_without_name(reason, _title(n), n)}" for n, reason in missing.items())
     return "\n".join(lines) + "\n"
+
+
+def _title(name: str) -> str:
+    from .data import DATASETS
+
+    return DATASETS[name].title if name in DATASETS else name
+
+
+def _without_name(reason: str, *names: str) -> str:
+    """A dataset's error without its leading name ("VOC21: none of ..." -> "none of ..."): the list names it."""
+    for name in names:
+        if reason.startswith(name + ":") or reason.startswith(name + " "):
+            return reason[len(name):].lstrip(": ")
+    return reason
 
 
 def _options_text(options: Mapping[str, Any]) -> str:

@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, fields
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from ._io import file_problem
 from .constants import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, LOGIT_SCALE, LONG_SIDE_CAP, PAMR_DILATIONS, PAMR_STEPS,
                         SHORT_SIDE, SLIDE_CROP, SLIDE_STRIDE)
 from .errors import ImageError, RfclipError
@@ -70,6 +71,11 @@ class InferenceConfig:
             setattr(self, name, bool(value))
         if str(self.precision).lower() not in PRECISIONS:
             raise RfclipError(f"unknown precision '{self.precision}'; choose {', '.join(PRECISIONS)}")
+        if not (isinstance(self.pad_crops_to, str) and self.pad_crops_to.strip().lower() == "patch"):
+            self.pad_crops_to = _whole("pad_crops_to", self.pad_crops_to, 0, hint="or 'patch'")
+            if self.pad_crops_to > MAX_CROP_PADDING:
+                raise RfclipError(f"pad_crops_to {self.pad_crops_to} is larger than {MAX_CROP_PADDING} px (every crop "
+                                  f"would be padded to that size); the papers pad to 56 or the patch size")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -77,6 +83,7 @@ class InferenceConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_CROP_PADDING = 512  # pad_crops_to above this only adds zeros (ProxyCLIP pads to 56, ClearCLIP to the patch)
 
 # Crops per forward when ``batch_size`` is None. A GPU needs large batches to be busy. On CPU one 224 crop already
 # keeps the cores busy, and larger batches only make every activation larger: with glibc's default allocator each
@@ -137,6 +144,19 @@ def read_image(image) -> tuple[np.ndarray, str | None]:
     Anything else cannot be interpreted and is refused with a one-line :class:`ImageError` naming the conversion
     to make: NaN or infinite values, float values outside 0..1, other integer types, 32-bit integer files.
     """
+    with warnings.catch_warnings(record=True) as caught:  # Pillow's warnings ("Corrupt EXIF data") go to the log
+        warnings.simplefilter("always")
+        try:
+            return _read_image(image)
+        finally:
+            for w in caught:
+                if "PIL" in w.filename or issubclass(w.category, Image.DecompressionBombWarning):
+                    log.info("%s: %s", image if isinstance(image, (str, os.PathLike)) else "the image", w.message)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _read_image(image) -> tuple[np.ndarray, str | None]:
     if isinstance(image, (str, os.PathLike)):
         name = os.fspath(image)
         rgb, conversion = _read_file(name)
@@ -146,17 +166,23 @@ def read_image(image) -> tuple[np.ndarray, str | None]:
     elif isinstance(image, np.ndarray):
         name = "the image array"
         rgb, conversion = _array_to_rgb(image)
+    elif isinstance(image, torch.Tensor):
+        name = "the image tensor"
+        rgb, conversion = _array_to_rgb(_tensor_to_array(image))
     else:
-        raise ImageError(f"unsupported image type {type(image).__name__}; give a path, a PIL image or an "
-                         "H x W x 3 uint8 array")
+        raise ImageError(f"unsupported image type {type(image).__name__}; give a path, a PIL image, an "
+                         "H x W x 3 uint8 array or a 3 x H x W tensor")
     if conversion:
         log.info("%s: %s", name, conversion)
     return rgb, conversion
 
 
 def _read_file(path: str) -> tuple[np.ndarray, str | None]:
-    if not os.path.isfile(path):
+    problem = file_problem(path)
+    if problem == "not found":
         raise ImageError(f"image not found: {path}; check the path")
+    if problem is not None:
+        raise ImageError(f"image {path} {problem}; give an image file (JPEG, PNG, ...)")
     try:
         with warnings.catch_warnings():
             # Between Pillow's pixel limit and twice it Pillow only warns; such images are read (and resized).
@@ -169,6 +195,9 @@ def _read_file(path: str) -> tuple[np.ndarray, str | None]:
         size = f"{int(pixels.group(1)) / 1e6:.0f} megapixels, " if pixels else ""
         raise ImageError(f"image {path} is too large to read safely ({size}above Pillow's limit of "
                          f"{2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f}); downscale it first") from None
+    except PermissionError:
+        raise ImageError(f"cannot read image {path}: permission denied; make the file readable "
+                         f"(chmod a+r) or copy it where you can read it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
                          "give a valid JPEG/PNG/WebP/... file") from None
@@ -241,6 +270,22 @@ def _to_rgb(values: np.ndarray) -> np.ndarray:
         values = np.repeat(values, 3, axis=2)
     out = np.ascontiguousarray(values[..., :3])
     return out if out.flags.writeable else out.copy()  # torch warns on (and cannot share) read-only arrays
+
+
+def _tensor_to_array(image: Tensor) -> np.ndarray:
+    """A torch image -> an H x W (x C) array: ``(C, H, W)`` as torchvision writes images (or ``(1, C, H, W)``), or
+    ``(H, W, C)`` / ``(H, W)``; values keep their type's meaning (uint8 0..255, float 0..1)."""
+    x = image.detach()
+    if x.dim() == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() == 3 and x.shape[0] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
+        x = x.permute(1, 2, 0)
+    elif x.dim() not in (2, 3):
+        raise ImageError(f"image tensor must be 3 x H x W (or H x W x 3, or 1 x 3 x H x W), got shape "
+                         f"{tuple(image.shape)}")
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
+    return x.cpu().numpy()
 
 
 def _array_to_rgb(image: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -352,9 +397,10 @@ def padding_multiple(pad_crops_to: int | str, patch_size: int) -> int:
 
 
 def check_pixel_stats(mean: Sequence[float], std: Sequence[float]) -> None:
-    """Three RGB means and three positive standard deviations (0-255 scale)."""
+    """Three finite RGB means and three finite positive standard deviations (0-255 scale)."""
     try:
-        ok = len(mean) == 3 and len(std) == 3 and all(float(v) > 0 for v in std) and all(float(v) == float(v) for v in mean)
+        ok = (len(mean) == 3 and len(std) == 3 and all(math.isfinite(float(v)) and float(v) > 0 for v in std)
+              and all(math.isfinite(float(v)) for v in mean) and not any(isinstance(v, bool) for v in (*mean, *std)))
     except (TypeError, ValueError):
         ok = False
     if not ok:
@@ -409,7 +455,7 @@ def _amp(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 def image_cls_tokens(encoder, method, images: Sequence[Tensor], batch_size: int = 64,
-                     amp_dtype: torch.dtype | None = None) -> list[Tensor]:
+                     amp_dtype: torch.dtype | None = None, check_in: Callable[[], None] | None = None) -> list[Tensor]:
     """The [CLS] embedding (D,) fp32 of each whole image, from ``cls_only`` forwards batched by image shape
     (for methods whose logits use the whole image's [CLS] with a sliding window, e.g. ``rfclip_release``)."""
     out: list[Tensor | None] = [None] * len(images)
@@ -418,6 +464,8 @@ def image_cls_tokens(encoder, method, images: Sequence[Tensor], batch_size: int 
         by_shape.setdefault(tuple(img.shape[-2:]), []).append(idx)
     for indices in by_shape.values():
         for chunk in _chunks(indices, batch_size):
+            if check_in is not None:
+                check_in()
             with _amp(images[chunk[0]].device, amp_dtype):
                 cls = encoder(torch.stack([images[i] for i in chunk]), method, cls_only=True).cls  # (B, D)
             if cls is None:
@@ -430,7 +478,8 @@ def image_cls_tokens(encoder, method, images: Sequence[Tensor], batch_size: int 
 
 def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, crop: int, stride: int,
                  batch_size: int = 64, amp_dtype: torch.dtype | None = None, pad_to: int = 0,
-                 regions: Sequence[Tensor] | None = None) -> list[Tensor]:
+                 regions: Sequence[Tensor] | None = None,
+                 check_in: Callable[[], None] | None = None) -> list[Tensor]:
     """Cosine logits per query for preprocessed images, averaged over sliding-window crops.
 
     ``images``: list of (3, H_i, W_i) normalised tensors. Crops of all images are grouped by shape and run
@@ -439,7 +488,8 @@ def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, c
     [CLS]: the crop's own, or with ``needs_image_cls`` the whole image's from :func:`image_cls_tokens` when the
     image has several windows) into logits. ``regions``: one (H_i, W_i) int64 region map per image (mask-tier
     methods): each crop's map travels with it, padded with the method's ``region_pad_value``, as ``ctx.regions``.
-    Returns a list of (Q, H_i, W_i) fp32 tensors (before softmax).
+    ``check_in`` is called before every forward chunk and may raise to stop the work (the demo stops a request
+    whose client has gone). Returns a list of (Q, H_i, W_i) fp32 tensors (before softmax).
     """
     device = images[0].device
     text_features = text.features.to(device=device, dtype=torch.float32)  # (Q, D)
@@ -461,11 +511,13 @@ def dense_logits(encoder, method, images: Sequence[Tensor], text: TextQueries, c
     image_cls: dict[int, Tensor] = {}
     if windowed and getattr(method, "needs_image_cls", False):  # a single window is the whole image: its own [CLS]
         image_cls = dict(zip(windowed, image_cls_tokens(encoder, method, [images[i] for i in windowed], batch_size,
-                                                        amp_dtype)))
+                                                        amp_dtype, check_in)))
     for shape, crops in by_shape.items():
         left, right, top, bottom = crop_padding(*shape, pad_to)
         padded = (shape[0] + top + bottom, shape[1] + left + right)
         for chunk in _chunks(crops, batch_size):
+            if check_in is not None:
+                check_in()
             batch = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])  # (B, 3, h, w)
             extra = {}
             if regions is not None:  # (B, h, w) region maps of the crops, padded like them

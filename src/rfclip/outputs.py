@@ -136,6 +136,7 @@ def describe_run(segmenter, checkpoint: str | os.PathLike | None = None) -> dict
         "precision": {"asked": segmenter.config.precision,
                       "used": str(segmenter.amp_dtype).replace("torch.", "") if segmenter.amp_dtype else "float32"},
         "settings": dataclasses.asdict(segmenter.config),
+        **segmenter.provenance(checkpoint),  # crops per forward used, distraction dims, templates, checkpoint hash
     }
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from .inference import (InferenceConfig, autocast_dtype, check_pixel_stats, crop
                         pad_to_patch, padding_multiple, postprocess, preprocess, read_image)
 from .methods import build_method, method_option_names
 from .methods.regions import resize_nearest
-from .text import ClassSpec, TextClassifier, TextQueries
+from .text import ClassSpec, TextClassifier, TextQueries, parse_classes
 
 DEFAULT_METHOD = "rfclip"
 
@@ -192,6 +194,7 @@ class Segmenter:
         self.encoder = DenseCLIP(self.clip.model.visual).to(self.device)
         self._check_config(self.config)
         self._compiled: dict = {}  # the torch.compile'd encoder, shared with with_config copies
+        self.check_in: Callable[[], None] | None = None  # called between forward chunks; raises to stop (demo)
         self.method.prepare(self.clip)
         self.text = TextClassifier(self.clip, templates=templates, device=self.device, cache_dir=text_cache)
 
@@ -249,15 +252,23 @@ class Segmenter:
                               f"crop of at least {patch} (default 224), or 0 for the whole image")
 
     def _check_finite(self, logits: list[torch.Tensor]) -> None:
-        """Non-finite scores (NaN weights, fp16 overflow) would silently give every pixel class 0."""
+        """Non-finite scores would silently give every pixel class 0. The checkpoint is blamed only when its weights
+        hold NaN/inf; fp16 overflow names the precision; otherwise the settings that produced them are named."""
         if bool(torch.stack([torch.isfinite(lg).all() for lg in logits]).all()):
             return
-        source = getattr(self.clip, "source", "?")
+        model = f"model {getattr(self.clip, 'name', '?')} ({getattr(self.clip, 'source', '?')})"
+        if not all(bool(torch.isfinite(p).all()) for p in self.clip.model.parameters()):
+            raise RfclipError(f"{model} produced non-finite scores: its weights hold NaN/inf values; check the "
+                              "checkpoint (download or copy it again)")
         if self.amp_dtype == torch.float16:
-            fix = "run with precision fp32 or bf16 (fp16 overflows with these weights)"
-        else:
-            fix = "the weights hold NaN/inf values or overflow; check the checkpoint (download or copy it again)"
-        raise RfclipError(f"model {getattr(self.clip, 'name', '?')} ({source}) produced non-finite scores; {fix}")
+            raise RfclipError(f"{model} produced non-finite scores in fp16 (overflow); run with precision fp32 or bf16")
+        defaults = InferenceConfig()
+        changed = {f: getattr(self.config, f) for f in ("logit_scale", "pixel_mean", "pixel_std", "pad_crops_to")
+                   if getattr(self.config, f) != getattr(defaults, f)}
+        given = {**self.method_options, **changed}
+        settings = ", ".join(f"{k}={v}" for k, v in given.items()) or "its default options"
+        raise RfclipError(f"method {self.method_name} produced non-finite scores on {model}, whose weights are "
+                          f"finite; the settings produced them ({settings}): try other values or the defaults")
 
     def forward_encoder(self):
         """The encoder that runs the crops: :attr:`encoder`, or its ``torch.compile`` version with ``compile=True``
@@ -279,6 +290,8 @@ class Segmenter:
         Returns a list of ``(mask, probs)`` torch tensors at each image's original size.
         """
         cfg = self.config
+        if len(images) == 0:
+            return []
         uses_masks = bool(getattr(self.method, "needs_masks", False))
         if uses_masks and regions is None:
             raise masks_needed_error(self.method_name)
@@ -297,7 +310,7 @@ class Segmenter:
             getattr(self.method, "crop_multiple", 0))
         logits = dense_logits(self.forward_encoder(), self.method, padded, text, cfg.slide_crop, cfg.slide_stride,
                               crops_per_forward(cfg.batch_size, self.device), self.amp_dtype, pad_to=pad_to,
-                              regions=resized)
+                              regions=resized, check_in=self.check_in)
         logits = [lg[:, :x.shape[-2], :x.shape[-1]] for lg, x in zip(logits, inputs)]  # padding cut off
         del padded
         self._check_finite(logits)
@@ -323,7 +336,14 @@ class Segmenter:
     def segment_batch(self, images: Sequence, classes: str | Sequence[ClassSpec] | TextQueries,
                       return_probs: bool = True, masks: Sequence | None = None) -> list[Segmentation]:
         """Segment several images with one vocabulary; their crops are batched together. ``masks``: one region
-        map per image (default: from the segmenter's mask source, for methods that need masks)."""
+        map per image (default: from the segmenter's mask source, for methods that need masks). No images: ``[]``."""
+        if isinstance(images, (str, os.PathLike)) or not hasattr(images, "__len__"):
+            raise RfclipError(f"segment_batch takes a list of images, got {type(images).__name__}; use segment() "
+                              "for one image")
+        if len(images) == 0:
+            if not isinstance(classes, TextQueries):
+                parse_classes(classes)  # the class list is checked all the same
+            return []
         text = classes if isinstance(classes, TextQueries) else self.encode_classes(classes)
         loaded = [read_image(im) for im in images]
         rgbs = [rgb for rgb, _ in loaded]
@@ -346,6 +366,30 @@ class Segmenter:
                 meta=meta,
             ))
         return out
+
+    def provenance(self, checkpoint: str | os.PathLike | None = None) -> dict:
+        """What a result was made with beyond the settings, for result files: the crops per forward actually used,
+        the distraction dims and where they came from (built in, a calibration file, the option), the prompt
+        templates, and the SHA-256 of the checkpoint file (a path alone does not say which weights)."""
+        from ._io import file_sha256
+        from .text import imagenet_templates
+
+        dims = None
+        for method in (self.method, getattr(self.method, "base", None)):  # a plug-in wraps its method
+            resolved = getattr(method, "resolved_dims", None)
+            if resolved is not None and resolved.values is not None:
+                dims = {"dims": list(resolved.values), "source": resolved.source}
+                break
+        templates = list(self.text.templates)
+        checkpoint = checkpoint if checkpoint is not None else self.checkpoint
+        return {
+            "crops_per_forward": crops_per_forward(self.config.batch_size, self.device),
+            "distraction_dims": dims,
+            "templates": {"set": "imagenet-80 (CLIP)" if templates == imagenet_templates() else "custom",
+                          "count": len(templates),
+                          "sha256": hashlib.sha256(json.dumps(templates).encode()).hexdigest()},
+            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+        }
 
     def __repr__(self) -> str:
         return (f"Segmenter(model={self.clip.name!r}, source={self.clip.source!r}, method={self.method_name!r}, "

@@ -8,11 +8,12 @@ the max over its synonyms of the per-query softmax probability (done in :mod:`rf
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,34 +33,61 @@ def imagenet_templates() -> list[str]:
 def parse_classes(classes: str | Sequence[ClassSpec]) -> list[list[str]]:
     """Normalise a class list to ``[[synonym, ...], ...]``.
 
-    A string is split into classes on ``;`` and each class into synonyms on ``,`` ("cat,kitty;dog;grass" is three
-    classes). A string without ``;`` is a plain comma-separated class list ("road, car, tree, sky"): one class
-    with synonyms only would make every pixel that class, so that reading is never what a user means.
-    A sequence holds one entry per class, each a name, a comma-separated synonym string, or a list of synonyms.
-    Each class's display name (its first synonym) must be unique: masks, fractions and outputs are keyed by it.
+    A string is split into classes on ``;`` and on new lines, and each class into synonyms on ``,``
+    ("cat,kitty;dog;grass" and "cat,kitty\ndog\ngrass" are three classes). A string with neither is a plain
+    comma-separated class list ("road, car, tree, sky"): one class with synonyms only would make every pixel that
+    class, so that reading is never what a user means. A sequence holds one entry per class, each a name, a
+    comma-separated synonym string, or a list of synonyms; every name must be a string, and an entry without a name
+    is an error (dropping it would shift the mask indices against the caller's list).
+    Each class's display name (its first synonym) must be unique, ignoring case and spaces (CLIP's tokenizer
+    lowercases and collapses white space, so ``cat`` and ``Cat`` are the same query): masks, fractions and outputs
+    are keyed by it.
     """
     if isinstance(classes, str):
-        if ";" in classes:
-            entries: list[ClassSpec] = classes.split(";")
+        text = classes.replace("\r\n", "\n").replace("\r", "\n")
+        if ";" in text or "\n" in text.strip():
+            entries: list[ClassSpec] = text.replace("\n", ";").split(";")
         else:
-            entries = [[name] for name in classes.split(",")]
+            entries = [[name] for name in text.split(",")]
+        parsed = [names for names in (_synonyms(entry) for entry in entries) if names]
+    elif isinstance(classes, (bytes, bytearray)) or not isinstance(classes, Iterable):
+        raise RfclipError(f"classes must be a string or a list of class names, got {type(classes).__name__}; "
+                          'e.g. "road;car;sky" or ["road", "car", "sky"]')
     else:
-        entries = list(classes)
-    parsed: list[list[str]] = []
-    for entry in entries:
-        names = entry.split(",") if isinstance(entry, str) else list(entry)
-        names = [str(n).strip() for n in names if str(n).strip()]
-        if names:
+        parsed = []
+        for index, entry in enumerate(classes):
+            names = _synonyms(entry, index)
+            if not names:
+                raise RfclipError(f"class {index} ({entry!r}) has no name; give each class at least one name "
+                                  "(or remove the entry)")
             parsed.append(names)
     if not parsed:
         raise RfclipError('empty class list; give class names, e.g. --classes "road;car;tree;sky"')
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for names in parsed:
-        if names[0] in seen:
-            raise RfclipError(f"class '{names[0]}' is listed twice; list each class once "
+        key = " ".join(names[0].split()).casefold()
+        if key in seen:
+            same = "" if seen[key] == names[0] else f" (as '{seen[key]}': CLIP reads names without case)"
+            raise RfclipError(f"class '{names[0]}' is listed twice{same}; list each class once "
                               "(join synonyms with ',', e.g. \"cat,kitty;dog\")")
-        seen.add(names[0])
+        seen[key] = names[0]
     return parsed
+
+
+def _synonyms(entry, index: int | None = None) -> list[str]:
+    """One class entry (a name, ``"a,b"`` or a list of names) -> its stripped, non-empty names."""
+    if isinstance(entry, str):
+        names = entry.split(",")
+    elif isinstance(entry, Sequence) and not isinstance(entry, (bytes, bytearray)):
+        names = list(entry)
+    else:
+        raise RfclipError(f"class {index} is a {type(entry).__name__} ({entry!r}), not a name; give class names as "
+                          "strings (or a list of strings for synonyms)")
+    for name in names:
+        if not isinstance(name, str):
+            raise RfclipError(f"class {index} holds {name!r} ({type(name).__name__}), not a name; give class names "
+                              "as strings")
+    return [n.strip() for n in names if n.strip()]
 
 
 @dataclass
@@ -138,7 +166,7 @@ class TextClassifier:
     """Embeds class vocabularies with a CLIP text encoder; caches per (model, templates, vocabulary).
 
     The in-memory cache holds every query embedded so far; ``cache_dir`` (default ``~/.cache/rfclip/text``,
-    ``RFCLIP_CACHE`` overrides, ``cache_dir=False`` disables) keeps one small safetensors file per vocabulary so
+    ``RFCLIP_CACHE`` overrides, ``cache_dir=True`` means the default, ``cache_dir=False`` disables) keeps one small safetensors file per vocabulary so
     that evaluation re-runs skip the 80-template text pass.
     """
 
@@ -148,10 +176,18 @@ class TextClassifier:
         self.templates = list(templates) if templates is not None else imagenet_templates()
         self.device = torch.device(device) if device is not None else next(clip.model.parameters()).device
         self.batch_size = batch_size
-        self.cache_dir = None if cache_dir is False else Path(cache_dir) if cache_dir else default_cache_dir()
+        if cache_dir is False:
+            self.cache_dir = None
+        elif cache_dir is None or cache_dir is True:  # True: "yes, cache", in the default folder
+            self.cache_dir = default_cache_dir()
+        elif isinstance(cache_dir, (str, os.PathLike)) and os.fspath(cache_dir):
+            self.cache_dir = Path(cache_dir)
+        else:
+            raise RfclipError(f"text_cache must be a folder, True (the default cache) or False (no cache), got "
+                              f"{cache_dir!r}")
         self._memory: dict[str, Tensor] = {}
-        key = f"{clip.identity}\n" + "\n".join(self.templates)
-        self._model_key = hashlib.sha256(key.encode()).hexdigest()[:16]
+        self._model_json = json.dumps({"model": clip.identity, "templates": self.templates})
+        self._model_key = hashlib.sha256(self._model_json.encode()).hexdigest()[:16]
 
     @torch.inference_mode()
     def _embed_queries(self, queries: list[str]) -> Tensor:
@@ -174,8 +210,13 @@ class TextClassifier:
     def _disk_path(self, queries: list[str]) -> Path | None:
         if self.cache_dir is None:
             return None
-        vocab = hashlib.sha256("\n".join(queries).encode()).hexdigest()[:16]
+        # JSON of the list: ["a\nb", "c"] and ["a", "b\nc"] are different keys (joined by new lines they were not)
+        vocab = hashlib.sha256(self._vocabulary_json(queries).encode()).hexdigest()[:16]
         return self.cache_dir / f"{self._model_key}-{vocab}.safetensors"
+
+    def _vocabulary_json(self, queries: list[str]) -> str:
+        """What a cache file holds embeddings of: the model's identity, the templates and the queries."""
+        return json.dumps({"setup": self._model_json, "queries": queries})
 
     def encode(self, classes: str | Sequence[ClassSpec]) -> TextQueries:
         """Embed a vocabulary (see :func:`parse_classes`). Returns :class:`TextQueries` on ``self.device``."""
@@ -194,8 +235,12 @@ class TextClassifier:
         path = self._disk_path(queries)
         if path is not None and path.is_file():
             try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:  # a file of another vocabulary is never used
+                    same = (f.metadata() or {}).get("vocabulary") == self._vocabulary_json(queries)
                 stored = load_file(str(path))["features"]
-                if stored.shape[0] == len(queries):
+                if same and stored.shape[0] == len(queries):
                     self._memory.update(zip(queries, stored))
                     return
             except Exception:  # a damaged cache file is rebuilt, never trusted
@@ -205,7 +250,8 @@ class TextClassifier:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
-                save_file({"features": torch.stack([self._memory[q] for q in queries]).contiguous()}, str(tmp))
+                save_file({"features": torch.stack([self._memory[q] for q in queries]).contiguous()}, str(tmp),
+                          metadata={"vocabulary": self._vocabulary_json(queries)})
                 os.replace(tmp, path)
             except OSError:  # a read-only cache folder must not stop segmentation
                 pass

@@ -422,7 +422,7 @@ def overlay(
         legend: add the legend panel: one swatch, name and pixel percentage per class present, largest first.
 
     Returns:
-        An RGB image, (W + legend width) x H.
+        An RGB image, (W + legend width) x H (taller when a small image needs a taller legend panel).
     """
     img = _as_rgb(image)
     mask = np.asarray(mask)
@@ -447,7 +447,7 @@ def overlay(
     panel = _legend_panel(mask, class_names, pal, h, w)
     if panel is None:
         return blended
-    canvas = Image.new("RGB", (w + panel.width, h), (255, 255, 255))
+    canvas = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
     canvas.paste(blended, (0, 0))
     canvas.paste(panel, (w, 0))
     return canvas
@@ -466,7 +466,8 @@ def _legend_panel(mask, class_names, pal, h: int, w: int) -> Image.Image | None:
     pad = max(6, font_px // 2)
     sw = max(8, round(font_px * 0.9))
     labels = []  # (class index, name as drawn, its font, percentage)
-    max_text_w = max(4 * font_px, round(0.6 * w))
+    # Names are cut only beyond ~24 characters, whatever the image's width (a small image gets a wider panel).
+    max_text_w = max(_text_size(probe, "M" * 16, font)[0], round(0.6 * w))
     for i in present:
         pct = 100.0 * counts[i] / total
         pct_s = f"{pct:.1f}%" if pct >= 0.1 else "<0.1%"
@@ -480,9 +481,10 @@ def _legend_panel(mask, class_names, pal, h: int, w: int) -> Image.Image | None:
     name_w = max(_text_size(probe, n, f)[0] for _, n, f, _ in labels)
     pct_w = max(_text_size(probe, p, font)[0] for _, _, _, p in labels)
     col_w = sw + pad + name_w + pad + pct_w + 2 * pad
-    rows_per_col = max(1, (h - 2 * pad) // line_h)
+    panel_h = max(h, min(len(labels), 8) * line_h + 2 * pad)  # a small image: the panel is taller than it
+    rows_per_col = max(1, (panel_h - 2 * pad) // line_h)
     ncols = math.ceil(len(labels) / rows_per_col)
-    panel = Image.new("RGB", (ncols * col_w + pad, h), (255, 255, 255))
+    panel = Image.new("RGB", (ncols * col_w + pad, panel_h), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
     outline_w = max(1, font_px // 12)
     for n, (i, name, name_font, pct_s) in enumerate(labels):

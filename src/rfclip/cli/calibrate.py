@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from ..constants import RF_CALIBRATE_TOPK
+from ..constants import LONG_SIDE_CAP, RF_CALIBRATE_TOPK
 from ..errors import RfclipError
 from . import common
 
@@ -47,9 +46,17 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..calibrate import calibrate
 
-    if not os.path.exists(args.images):
-        raise RfclipError(f"images not found: {args.images}; give a folder of images or an image file")
+    from ..calibrate import list_images
+
+    list_images(args.images)  # a missing path, a FIFO or a folder without images: said before the model loads
     common.check_checkpoint_path(args.checkpoint)
+    if args.out is not None:  # before the model loads and the images are read
+        from .._io import check_writable_file
+
+        check_writable_file(args.out, "choose another --out")
+    if args.image_size is not None and args.image_size > LONG_SIDE_CAP:
+        raise RfclipError(f"--image-size {args.image_size} is larger than {LONG_SIDE_CAP} px; give a crop side up to "
+                          f"{LONG_SIDE_CAP} (default: the model's native input size)")
 
     def progress(done: int, total: int) -> None:
         if not args.quiet and sys.stderr.isatty():
@@ -62,7 +69,13 @@ def run(args) -> int:
     reuse_cpu_memory_from_env(device)
     clip = load_clip(args.model, args.pretrained, checkpoint=args.checkpoint, device=device, quick_gelu=args.quick_gelu)
     result = calibrate(clip, args.images, topk=args.topk, device=device, image_size=args.image_size, batch_size=args.batch_size,
-                       max_images=args.max_images, out_file=args.out, precision=args.precision, progress=progress)
+                       max_images=args.max_images, out_file=args.out, precision=args.precision, progress=progress,
+                       on_skip=lambda message: print(f"rfclip: {message}", file=sys.stderr, flush=True))
     print(result.summary())
+    if result.warning():
+        print(f"rfclip: warning: {result.warning()}", file=sys.stderr)
     print("distraction_dims=" + ",".join(str(d) for d in result.dims))
+    if result.skipped:  # as `rfclip segment`: the others were used, and the run says so in its status
+        raise RfclipError(f"{len(result.skipped)} of {result.num_images + len(result.skipped)} images could not be "
+                          "read and were skipped (see above); fix or remove them and calibrate again")
     return 0

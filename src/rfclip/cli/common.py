@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import RfclipError
+from ..methods.options import parse_options, parse_value  # noqa: F401  (the CLI's --option syntax)
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
@@ -178,46 +178,6 @@ def method_list() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- values
-def parse_value(text: str) -> Any:
-    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, ``"none"`` -> None, ``"1,2,3"`` -> [1, 2, 3],
-    ``"[1, 2]"``/JSON -> as JSON; anything else stays a string."""
-    text = text.strip()
-    low = text.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
-        return None
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    if text[:1] in "[{\"":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            pass
-    if "," in text:
-        return [parse_value(part) for part in text.split(",") if part.strip()]
-    return text
-
-
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["beta=0.4", "distraction_dims=4,162"]`` -> ``{"beta": 0.4, "distraction_dims": [4, 162]}``."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise RfclipError(f"bad --option '{item}'; write it as KEY=VALUE, e.g. --option gaussian_std=3")
-        if key in options:
-            raise RfclipError(f"--option {key} given twice; give it once")
-        options[key] = parse_value(value)
-    return options
-
-
 def inference_options(args: argparse.Namespace) -> dict[str, Any]:
     """The inference settings the user gave (flags), as InferenceConfig keyword arguments."""
     return {field: getattr(args, dest) for dest, field in INFERENCE_FLAGS.items()
@@ -244,8 +204,13 @@ def check_checkpoint_path(path: str | None) -> None:
     """Fail early (before anything loads) on a checkpoint path that does not exist."""
     if path is None:
         return
-    if not os.path.exists(path):
+    from .._io import file_problem
+
+    problem = file_problem(path)
+    if problem == "not found":
         raise RfclipError(f"checkpoint not found: {path}; check the path given to --checkpoint")
+    if problem is not None and problem != "is a folder, not a file":  # a folder: a Hugging Face checkpoint
+        raise RfclipError(f"checkpoint {path} {problem}; give a checkpoint file or folder to --checkpoint")
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:

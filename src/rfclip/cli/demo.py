@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 from ..errors import RfclipError, WeightsNotFoundError
 from . import common
@@ -47,8 +52,18 @@ def _megapixels(text: str) -> float:
     return value
 
 
+def _auth(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("expected USER:PASSWORD, e.g. --auth ana:s3cret")
+    return user, password
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 def add_parser(subparsers) -> None:
-    from ..demo.engine import MAX_MEGAPIXELS
+    from ..demo.engine import MAX_MEGAPIXELS, Limits
 
     p = subparsers.add_parser("demo", help="start a local web page: segment, compare methods, look inside CLIP",
                               description=DESCRIPTION, epilog=EXAMPLES,
@@ -59,6 +74,21 @@ def add_parser(subparsers) -> None:
     server.add_argument("--port", type=_port, default=7860, metavar="N", help="port (default: 7860)")
     server.add_argument("--max-megapixels", type=_megapixels, default=MAX_MEGAPIXELS, metavar="MP",
                         help=f"largest image the page accepts, in megapixels (default: {MAX_MEGAPIXELS:g})")
+    server.add_argument("--auth", type=_auth, metavar="USER:PASSWORD",
+                        help="ask for this user name and password (Gradio's login); needed when --host serves "
+                             "other machines")
+    limits = p.add_argument_group("limits per request (a request over one is refused, naming it)")
+    defaults = Limits()
+    for flag, dest, what in (("--max-crops", "max_crops", "crops of the model's input size"),
+                             ("--max-short-side", "max_short_side", "resized short side, px"),
+                             ("--max-pamr-steps", "max_pamr_steps", "PAMR steps"),
+                             ("--max-classes", "max_classes", "classes"),
+                             ("--max-prompts", "max_prompts", "class names with their synonyms")):
+        limits.add_argument(flag, dest=dest, type=common._positive_int, default=getattr(defaults, dest), metavar="N",
+                            help=f"{what} (default: {getattr(defaults, dest)})")
+    limits.add_argument("--request-timeout", dest="request_seconds", type=common._positive_float,
+                        default=defaults.request_seconds, metavar="S",
+                        help=f"seconds of computing per request (default: {defaults.request_seconds:g})")
     common.add_model_options(p)
     common.add_method_options(p)
     common.add_inference_options(p)
@@ -100,9 +130,32 @@ def _option_text(options: dict) -> str:
 
 
 def run(args) -> int:
+    """Everything the demo writes (request folders, Gradio's upload cache) lives in one folder it owns and removes
+    on exit, Ctrl+C or SIGTERM."""
+    out_root = Path(tempfile.mkdtemp(prefix="rfclip-demo-"))
+    upload_dir = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(out_root / "uploads")  # before Gradio is imported: it reads it then
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None  # docker, systemd, timeout
+    try:
+        return _run(args, out_root)
+    except KeyboardInterrupt:
+        print("rfclip demo: stopped", file=sys.stderr)
+        return 0
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        if upload_dir is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = upload_dir
+        shutil.rmtree(out_root, ignore_errors=True)
+
+
+def _run(args, out_root: Path) -> int:
     _require_gradio()
     from ..demo.app import build_app, serve
-    from ..demo.engine import DemoEngine, ModelInfo, Settings, all_method_options
+    from ..demo.engine import DemoEngine, Limits, ModelInfo, Settings, all_method_options
     from ..devices import reuse_cpu_memory_from_env
     from ..inference import InferenceConfig
     from ..methods import method_option_names
@@ -121,6 +174,9 @@ def run(args) -> int:
                           f"{', '.join(sorted(all_method_options()))}; inference takes: {', '.join(sorted(config_names))}")
     common.check_checkpoint_path(args.checkpoint)
     check_address(args.host, args.port)
+    if args.host not in LOCAL_HOSTS and args.auth is None:
+        print(f"rfclip demo: warning: the page on {args.host} has no authentication: anyone who can reach this "
+              "machine can use it (and its compute); add --auth USER:PASSWORD", file=sys.stderr, flush=True)
 
     src = args.checkpoint or f"{args.model} ({args.pretrained})"
     print(f"rfclip demo: loading {src} ...", file=sys.stderr, flush=True)
@@ -135,16 +191,21 @@ def run(args) -> int:
     info = ModelInfo(model=getattr(getattr(base, "clip", None), "name", None) or args.model,
                      pretrained=args.pretrained if not args.checkpoint else None, checkpoint=args.checkpoint,
                      device=str(base.device) if base is not None else "")
-    engine = DemoEngine(base, info, unavailable=unavailable, max_megapixels=args.max_megapixels)
-    app = build_app(engine, method=spec, settings=Settings(options=_option_text(method_options)))
+    limits = Limits(**{name: getattr(args, name) for name in ("max_crops", "max_short_side", "max_pamr_steps",
+                                                              "max_classes", "max_prompts", "request_seconds")})
+    engine = DemoEngine(base, info, unavailable=unavailable, max_megapixels=args.max_megapixels, limits=limits,
+                        out_root=out_root)
+    app = None
     try:
-        url = serve(app, args.host, args.port, allowed_paths=[str(engine.out_root)])
+        app = build_app(engine, method=spec, settings=Settings(options=_option_text(method_options)))
+        url = serve(app, args.host, args.port, allowed_paths=[str(engine.out_root)], auth=args.auth)
         print(f"rfclip demo: serving on {url} (Ctrl+C stops it)", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        print("rfclip demo: stopped", file=sys.stderr)
     finally:
-        app.close()
-        shutil.rmtree(engine.out_root, ignore_errors=True)
-    return 0
+        if app is not None:
+            app.close()
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # the same clean stop as Ctrl+C: the request folders and uploads are removed

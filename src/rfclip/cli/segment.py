@@ -101,10 +101,13 @@ def read_classes(args) -> list[list[str]]:
     if args.classes_file is None:
         return parse_classes(args.classes)
     path = args.classes_file
-    if not os.path.isfile(path):
-        raise RfclipError(f"classes file not found: {path}; check the path given to --classes-file")
+    from .._io import file_problem
+
+    if (problem := file_problem(path)) is not None:
+        what = f"not found: {path}" if problem == "not found" else f"{path} {problem}"
+        raise RfclipError(f"classes file {what}; check the path given to --classes-file")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first class
             lines = [line.split("#", 1)[0].strip() for line in f]
     except (OSError, UnicodeDecodeError) as err:
         raise RfclipError(f"cannot read classes file {path}: {err}; give a UTF-8 text file, one class per line") from None

@@ -14,6 +14,7 @@ import sys
 import traceback
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 import numpy as np
@@ -152,12 +153,40 @@ def _unexpected(err: Exception) -> str:
             "(the server log has the traceback; please report it)")
 
 
-def _failure(err: Exception) -> str:
+def _message(err: Exception) -> str:
     if isinstance(err, RfclipError):
-        return error_html(str(err))
+        return " ".join(str(err).split())
     if type(err).__name__ == "OutOfMemoryError":
-        return error_html("out of memory; use a smaller image, fewer classes or a larger crop stride")
-    return error_html(_unexpected(err))
+        return "out of memory; use a smaller image, fewer classes or a larger crop stride"
+    return _unexpected(err)
+
+
+def _failure(err: Exception) -> str:
+    return error_html(_message(err))
+
+
+def _api_error(err: Exception) -> "gr.Error":
+    """The error an API client (gradio_client) receives as an exception; the page shows the same words in its
+    status line (yielded just before), so no second pop-up."""
+    return gr.Error(_message(err), visible=False, print_exception=False)
+
+
+def stop_check(app, request) -> "Callable[[], bool]":
+    """True once ``request``'s client has cancelled it or disconnected: its event is no longer among the queue's
+    running ones, or no longer alive. Gradio cannot stop a running function; the engine checks this between
+    forward chunks (see :meth:`rfclip.demo.engine.DemoEngine.segment`)."""
+    queue = getattr(app, "_queue", None)
+    raw = getattr(request, "request", None)
+    if queue is None or raw is None:
+        return lambda: False
+    event = next((ev for jobs in list(queue.active_jobs) for ev in (jobs or ()) if ev.request is raw), None)
+    if event is None:
+        return lambda: False
+
+    def stopped() -> bool:
+        return not event.alive or not any(jobs and event in jobs for jobs in list(queue.active_jobs))
+
+    return stopped
 
 
 def _thumbnail(image: Image.Image) -> Image.Image:
@@ -179,6 +208,13 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
     settings = settings or Settings()
     methods = method_choices()
     inside = inside_choices()
+    dims_problem = engine.dims_problem(settings)
+    if dims_problem:  # offer the methods that run with these weights; say why the others do not
+        blocked = set(engine.methods_needing_dims())
+        methods = [m for m in methods if m.split("+")[0] not in blocked]
+        inside = [m for m in inside if m not in blocked]
+        if method.split("+")[0] in blocked:
+            method = "naclip" if "naclip" in methods else methods[0]
     if method not in methods:
         methods = [method, *methods]
     compare_a = "naclip" if "naclip" in methods else methods[0]
@@ -202,6 +238,10 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                     f'{html.escape(engine.unavailable)}<br>Start the demo with local weights, e.g. '
                     f'<code>rfclip demo --checkpoint ViT-B-16.pt</code> (OpenAI\'s file, an open_clip or '
                     f'.safetensors file, or a Hugging Face folder; see the README\'s "Checkpoints").</div>')
+        if dims_problem:
+            gr.HTML(f'<div class="rf-banner" id="no-dims"><b>RF-CLIP cannot run with these weights.</b> '
+                    f'{html.escape(dims_problem)}<br>The methods offered here run without them: '
+                    f'{html.escape(", ".join(m for m in methods if "+" not in m))}.</div>', elem_id="no-dims")
         image_size = gr.State(None)  # (height, width, shown height, shown width) of the upload: clicks scale back
         with gr.Row(equal_height=False):
             # ---------------------------------------------------------------- inputs, shared by the tabs
@@ -213,8 +253,8 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                 image_status = gr.HTML(elem_id="image-status")
                 classes = gr.Textbox(label="Classes", lines=2, elem_id="classes",
                                      placeholder="road; car; tree; sky; building",
-                                     info='";" between classes, "," between synonyms ("cat, kitty; dog"); without '
-                                          'any ";", commas separate classes')
+                                     info='";" or a new line between classes, "," between synonyms ("cat, kitty; '
+                                          'dog"); without either, commas separate classes')
                 vocabulary = gr.Dropdown([OWN_VOCABULARY, *VOCABULARIES], value=OWN_VOCABULARY,
                                          label="or a ready vocabulary", elem_id="vocabulary")
                 example = example_image()
@@ -246,15 +286,15 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                                                      info=method_description(method), elem_id="segment-method")
                             seg_button = gr.Button("Segment", variant="primary", scale=1, elem_id="segment-run",
                                                    elem_classes=["rf-run"])
-                        seg_status = gr.HTML(elem_id="segment-status")
+                        seg_status = gr.HTML(label="Status", elem_id="segment-status")
                         with gr.Row(equal_height=False):
                             with gr.Column(scale=3):
-                                seg_overlay = gr.Image(show_label=False, interactive=False, elem_id="segment-overlay",
+                                seg_overlay = gr.Image(label="Segmentation", show_label=False, interactive=False, elem_id="segment-overlay",
                                                        format="png", buttons=["fullscreen"])
-                                seg_readout = gr.Markdown("Click a pixel of the result to read its class.",
+                                seg_readout = gr.Markdown("Click a pixel of the result to read its class.", label="Pixel read-out",
                                                           elem_id="segment-readout")
                             with gr.Column(scale=2, min_width=260):
-                                seg_bars = gr.HTML(elem_id="segment-fractions")
+                                seg_bars = gr.HTML(label="Legend", elem_id="segment-fractions")
                                 seg_files = gr.File(label="Downloads: mask PNG (class indices), JSON, overlay",
                                                     file_count="multiple", interactive=False,
                                                     elem_id="segment-files")
@@ -267,7 +307,7 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                                                 elem_id="compare-b")
                             cmp_button = gr.Button("Compare", variant="primary", scale=1, elem_id="compare-run",
                                                    elem_classes=["rf-run"])
-                        cmp_status = gr.HTML(elem_id="compare-status")
+                        cmp_status = gr.HTML(label="Status", elem_id="compare-status")
                         with gr.Row(equal_height=False):
                             cmp_img_a = gr.Image(label="A", interactive=False, elem_id="compare-image-a", format="png",
                                                  buttons=["fullscreen"])
@@ -279,7 +319,7 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                                                     elem_id="compare-disagreement", format="png",
                                                     buttons=["fullscreen"])
                             with gr.Column(scale=1):
-                                cmp_table = gr.HTML(elem_id="compare-table")
+                                cmp_table = gr.HTML(label="Class fractions", elem_id="compare-table")
                     with gr.Tab("Look inside", id="inside", elem_id="tab-inside"):
                         gr.Markdown("**Click a point of the image** to see where it attends in every layer, before "
                                     "and after RF-CLIP redistributes the attention its distraction tokens take, "
@@ -292,17 +332,21 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                                                    info='0-based, e.g. "0-5,11"')
                             in_button = gr.Button("Explain the centre", scale=2, elem_id="inside-run",
                                                   elem_classes=["rf-run"])
-                        in_status = gr.HTML(elem_id="inside-status")
+                        in_status = gr.HTML(label="Status", elem_id="inside-status")
+                        with gr.Row(visible=False):  # the API's query point (/look_inside); none: the centre
+                            point_x = gr.Number(None, label="Query point x (px)", elem_id="inside-point-x")
+                            point_y = gr.Number(None, label="Query point y (px)", elem_id="inside-point-y")
                         with gr.Row(equal_height=False):
                             with gr.Column(scale=1):
                                 in_click = gr.Image(label="Click a point", interactive=False, elem_id="inside-image",
                                                     format="png", buttons=["fullscreen"])
                             with gr.Column(scale=1, min_width=360):
-                                in_table = gr.HTML(elem_id="inside-table")
+                                in_table = gr.HTML(label="Layers", elem_id="inside-table")
                         in_figures = []
                         for key, title, caption in EXPLAIN_FIGURES:
                             gr.Markdown(f"**{title}.** {caption}", elem_classes=["rf-figure-title"])
-                            in_figures.append(gr.Image(show_label=False, interactive=False, elem_id=f"inside-{key}",
+                            in_figures.append(gr.Image(label=title, show_label=False, interactive=False,
+                                                       elem_id=f"inside-{key}",
                                                        format="png", buttons=["download", "fullscreen"]))
         gr.Markdown("Requests run one at a time on the model; CPU inference takes seconds. Text embeddings are "
                     "cached. Command line: `rfclip segment IMAGE --classes \"...\" --out DIR` writes the same files. "
@@ -336,17 +380,21 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                 return gr.update()  # keep what is typed (returning it could undo keys typed meanwhile)
             return vocabulary_text(label)
 
+        # Each model handler yields its answer once; on an error it yields the page's status line and then raises
+        # gr.Error, so that an API client (gradio_client) gets an exception, not HTML in a successful answer.
         def on_segment(path, classes_v, method_v, pamr_v, thd_v, short_v, crop_v, stride_v, options_v,
-                       progress=gr.Progress()):
+                       request: gr.Request, progress=gr.Progress()):
             knob_values = (pamr_v, thd_v, short_v, crop_v, stride_v, options_v)
             try:
-                res = engine.segment(path, classes_v, method_v, page_settings(*knob_values), progress_fn(progress))
+                res = engine.segment(path, classes_v, method_v, page_settings(*knob_values), progress_fn(progress),
+                                     should_stop=stop_check(app, request))
             except Exception as err:  # noqa: BLE001 - shown in the page; the server keeps serving
-                return _failure(err), None, "", "", None, None
+                yield _failure(err), None, "", "", None, None
+                raise _api_error(err) from None
             present = sum(f > 0 for f in res.fractions)
             status = ok_html(f"{res.method}: {present} of {len(res.classes)} classes found in {res.seconds:.1f} s")
-            return (status, res.picture, fraction_bars(res.classes, res.fractions, res.colours),
-                    "Click a pixel of the result to read its class.", [str(p) for p in res.files], res.reader)
+            yield (status, res.picture, fraction_bars(res.classes, res.fractions, res.colours),
+                   "Click a pixel of the result to read its class.", [str(p) for p in res.files], res.reader)
 
         def on_read(reader, evt: gr.SelectData):
             if reader is None or evt.index is None:
@@ -355,32 +403,35 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
             return reader.read(x, y)
 
         def on_compare(path, classes_v, a, b, pamr_v, thd_v, short_v, crop_v, stride_v, options_v,
-                       progress=gr.Progress()):
+                       request: gr.Request, progress=gr.Progress()):
             knob_values = (pamr_v, thd_v, short_v, crop_v, stride_v, options_v)
             try:
-                res = engine.compare(path, classes_v, a, b, page_settings(*knob_values), progress_fn(progress))
+                res = engine.compare(path, classes_v, a, b, page_settings(*knob_values), progress_fn(progress),
+                                     should_stop=stop_check(app, request))
             except Exception as err:  # noqa: BLE001
-                return _failure(err), gr.update(value=None, label="A"), gr.update(value=None, label="B"), None, ""
+                yield _failure(err), gr.update(value=None, label="A"), gr.update(value=None, label="B"), None, ""
+                raise _api_error(err) from None
             status = ok_html(f"{a} and {b} give the same class to {100 * res.agreement:.1f}% of the pixels "
                              f"({res.seconds[0]:.1f} s and {res.seconds[1]:.1f} s)")
-            return (status, gr.update(value=res.overlays[0], label=f"A: {a}"),
-                    gr.update(value=res.overlays[1], label=f"B: {b}"), res.disagreement, compare_table(res))
+            yield (status, gr.update(value=res.overlays[0], label=f"A: {a}"),
+                   gr.update(value=res.overlays[1], label=f"B: {b}"), res.disagreement, compare_table(res))
 
-        def on_inside(path, method_v, layers_v, point, knob_values, progress):
+        def on_inside(path, method_v, layers_v, point, knob_values, request, progress):
             empty = [None] * len(EXPLAIN_FIGURES)
             try:
                 res = engine.look_inside(path, point, method_v, layers_v, page_settings(*knob_values),
-                                         progress_fn(progress))
+                                         progress_fn(progress), should_stop=stop_check(app, request))
             except Exception as err:  # noqa: BLE001
-                return [_failure(err), gr.update(), ""] + empty
+                yield [_failure(err), gr.update(), ""] + empty
+                raise _api_error(err) from None
             qx, qy = res.summary["query_point"]
             row, col = res.summary["query_patch"]
             status = ok_html(f"{res.method}: point ({qx:.0f}, {qy:.0f}), patch row {row}, column {col}; "
                              f"{res.seconds:.1f} s")
-            return [status, _thumbnail(res.clicked), layer_table(res.summary)] + [res.figures.get(k) for k, _, _ in EXPLAIN_FIGURES]
+            yield [status, _thumbnail(res.clicked), layer_table(res.summary)] + [res.figures.get(k) for k, _, _ in EXPLAIN_FIGURES]
 
         def on_click(path, size, method_v, layers_v, pamr_v, thd_v, short_v, crop_v, stride_v, options_v,
-                     evt: gr.SelectData, progress=gr.Progress()):
+                     evt: gr.SelectData, request: gr.Request, progress=gr.Progress()):
             knob_values = (pamr_v, thd_v, short_v, crop_v, stride_v, options_v)
             point = None
             if evt.index is not None and size is not None:
@@ -389,12 +440,14 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                 if (shown_h, shown_w) != (h, w):  # the picture shown is a thumbnail: back to image pixels
                     x, y = (x + 0.5) * w / shown_w, (y + 0.5) * h / shown_h
                 point = (min(w - 1.0, x), min(h - 1.0, y))
-            return on_inside(path, method_v, layers_v, point, knob_values, progress)
+            yield from on_inside(path, method_v, layers_v, point, knob_values, request, progress)
 
-        def on_centre(path, method_v, layers_v, pamr_v, thd_v, short_v, crop_v, stride_v, options_v,
-                      progress=gr.Progress()):
+        def on_point(path, method_v, layers_v, x_v, y_v, pamr_v, thd_v, short_v, crop_v, stride_v, options_v,
+                     request: gr.Request, progress=gr.Progress()):
+            """The button (no point: the centre) and the API's /look_inside (a query point in image pixels)."""
             knob_values = (pamr_v, thd_v, short_v, crop_v, stride_v, options_v)
-            return on_inside(path, method_v, layers_v, None, knob_values, progress)
+            point = None if x_v is None or y_v is None else (float(x_v), float(y_v))
+            yield from on_inside(path, method_v, layers_v, point, knob_values, request, progress)
 
         # ------------------------------------------------------------------ wiring
         # The model's requests share one queue worker; the page's helpers run at once and are not API endpoints.
@@ -414,8 +467,8 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
         in_outputs = [in_status, in_click, in_table, *in_figures]
         in_click.select(on_click, [image_file, image_size, in_method, in_layers, *knobs], in_outputs,
                         show_progress_on=[in_click], api_visibility="private", **model)
-        in_button.click(on_centre, [image_file, in_method, in_layers, *knobs], in_outputs, api_name="look_inside",
-                        show_progress_on=[in_click], **model)
+        in_button.click(on_point, [image_file, in_method, in_layers, point_x, point_y, *knobs], in_outputs,
+                        api_name="look_inside", show_progress_on=[in_click], **model)
     return app
 
 
@@ -425,15 +478,18 @@ def theme():
     return gr.themes.Soft(primary_hue="indigo", neutral_hue="slate", font=system, font_mono=mono)
 
 
-def serve(app, host: str = "127.0.0.1", port: int | None = None, allowed_paths: list[str] | None = None):
-    """Start the server in the background; returns the local URL (see :func:`rfclip.demo.launch` to block)."""
+def serve(app, host: str = "127.0.0.1", port: int | None = None, allowed_paths: list[str] | None = None,
+          auth: tuple[str, str] | None = None):
+    """Start the server in the background; returns the local URL (see :func:`rfclip.demo.launch` to block).
+    ``auth``: a (user, password) pair the page asks for (Gradio's login); none: no authentication."""
     app.queue(default_concurrency_limit=1, max_size=64)
     example = example_image()
     allowed = list(allowed_paths or []) + ([str(Path(example).parent)] if example else [])
     try:
         _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
                                show_error=False, ssr_mode=False, share=False, inbrowser=False, theme=theme(), css=CSS,
-                               allowed_paths=allowed, footer_links=[], max_file_size="256mb")
+                               allowed_paths=allowed, footer_links=[], max_file_size="256mb",
+                               auth=auth)
     except OSError as err:
         detail = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")
         raise RfclipError(f"cannot serve on {host}:{port or 'any port'}: {detail}; "

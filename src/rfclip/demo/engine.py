@@ -9,13 +9,14 @@ Every problem the user can fix is an :class:`rfclip.errors.RfclipError` in the w
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +42,43 @@ VOCABULARIES = {
 }
 
 Progress = Callable[[float, str], None]
+
+
+@dataclass
+class Limits:
+    """What one request may cost, so that no request holds the only worker for long. The defaults are served by a
+    2-core CPU in about a minute (ViT-B/16: about 6 crops of 224 px per second); the operator raises them with
+    ``rfclip demo --max-crops N`` and the like. A request over a limit is refused with a message naming it."""
+
+    max_crops: int = 400  # forward crops of the model's input size per request (a whole-image forward: by area)
+    max_short_side: int = 1024  # px, the resized short side (0 keeps the image's own)
+    max_pamr_steps: int = 30
+    max_classes: int = 200  # COCO-Stuff's 171 fit
+    max_prompts: int = 400  # class names with their synonyms (each is embedded with 80 templates)
+    request_seconds: float = 300.0  # computing time per request; a request past it stops
+
+    def __post_init__(self):
+        for name in ("max_crops", "max_short_side", "max_pamr_steps", "max_classes", "max_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RfclipError(f"{name} must be a whole number >= 1, got {value!r}")
+        if not self.request_seconds > 0:
+            raise RfclipError(f"request_seconds must be above 0, got {self.request_seconds!r}")
+
+
+class RequestStopped(RfclipError):
+    """A request that stopped because its client cancelled or disconnected (nobody reads the answer)."""
+
+
+def crop_cost(height: int, width: int, crop: int, stride: int, native: int) -> int:
+    """Forwards of a ``height`` x ``width`` input cut into ``crop`` windows at ``stride``, counted in crops of the
+    model's ``native`` input side (a larger window counts by its area). Arithmetic only: a stride of 1 on a large
+    image is counted, not listed."""
+    if crop <= 0 or (crop >= height and crop >= width):
+        return max(1, math.ceil(height * width / native**2))
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    return rows * cols * max(1, math.ceil(min(crop, height) * min(crop, width) / native**2))
 
 
 def _no_progress(fraction: float, text: str) -> None:
@@ -124,7 +162,7 @@ def read_image(path: str | os.PathLike | None, max_megapixels: float = MAX_MEGAP
 def parse_option_text(text: str | None) -> dict:
     """The page's "method options" field, ``"beta=0.6 distraction_dims=4,162"`` (items separated by spaces or
     ``;``), as ``--option`` items."""
-    from ..cli.common import parse_options
+    from ..methods.options import parse_options
 
     items = (text or "").replace(";", " ").split()
     return parse_options(items)
@@ -245,6 +283,7 @@ class DemoEngine:
     unavailable: str | None = None
     max_megapixels: float = MAX_MEGAPIXELS
     out_root: Path | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -291,6 +330,10 @@ class DemoEngine:
         self._segmenters.move_to_end(key)
         return seg.with_config(**settings.config())
 
+    def _configured(self, settings: Settings):
+        """The loaded model with the page's inference settings (for the limit checks; touches no shared cache)."""
+        return self.base.with_config(**settings.config())
+
     def _request_dir(self) -> Path:
         folder = Path(tempfile.mkdtemp(dir=self.out_root, prefix="req-"))
         self._requests.append(folder)
@@ -304,10 +347,91 @@ class DemoEngine:
 
         return parse_classes(text or "")
 
+    # ------------------------------------------------------------------ distraction dims
+    @staticmethod
+    def methods_needing_dims() -> list[str]:
+        """The registered methods that need the model's distraction dims (RF-CLIP and its presets)."""
+        from ..methods import METHODS
+
+        needing = []
+        for name, cls in METHODS.items():
+            try:
+                method = cls()
+            except Exception:  # noqa: BLE001 - a method that cannot be built with defaults is not one of them
+                continue
+            if getattr(method, "resolved_dims", None) is not None and getattr(method, "detects", True):
+                needing.append(name)
+        return sorted(needing)
+
+    def dims_problem(self, settings: Settings | None = None) -> str | None:
+        """Why RF-CLIP cannot run on the loaded weights (no built-in, calibrated or given distraction dims), or
+        None. Asked when the page is built, so that the page says so when it opens."""
+        from ..distraction_dims import resolve_distraction_dims
+
+        if self.base is None:
+            return None
+        given = parse_option_text(settings.options) if settings is not None else {}
+        try:
+            resolve_distraction_dims(self.base.clip, given.get("distraction_dims"), given.get("dims_file"),
+                                     width=self.base.encoder.width)
+        except RfclipError as err:
+            return str(err)
+        return None
+
+    # ------------------------------------------------------------------ limits
+    def check_limits(self, seg_er, image: np.ndarray, vocabulary=None, forwards: int = 1, whole: bool = False) -> None:
+        """Refuse a request over :attr:`limits` before any work, naming the limit and its flag. ``forwards``: how
+        many times the image runs (Compare: 2); ``whole``: one whole-image forward (Look inside)."""
+        from ..inference import rescale_size
+
+        lim, cfg = self.limits, seg_er.config
+        if vocabulary is not None:
+            prompts = sum(len(names) for names in vocabulary)
+            if len(vocabulary) > lim.max_classes:
+                raise RfclipError(f"{len(vocabulary)} classes is over this demo's limit of {lim.max_classes} per "
+                                  "request (--max-classes); give fewer classes")
+            if prompts > lim.max_prompts:
+                raise RfclipError(f"{prompts} class names and synonyms is over this demo's limit of {lim.max_prompts} "
+                                  "per request (--max-prompts); give fewer names")
+        h, w = rescale_size(*image.shape[:2], cfg.short_side)
+        if min(h, w) > lim.max_short_side:
+            what = f"short side {cfg.short_side}" if cfg.short_side else f"the image's own short side of {min(h, w)} px"
+            raise RfclipError(f"{what} is over this demo's limit of {lim.max_short_side} px (--max-short-side); "
+                              f"set a smaller short side")
+        if cfg.pamr and cfg.pamr_steps > lim.max_pamr_steps:
+            raise RfclipError(f"{cfg.pamr_steps} PAMR steps is over this demo's limit of {lim.max_pamr_steps} "
+                              "(--max-pamr-steps)")
+        native = seg_er.encoder.native_grid[0] * seg_er.encoder.patch_size[0]
+        cost = forwards * (crop_cost(h, w, 0, 1, native) if whole else
+                           crop_cost(h, w, cfg.slide_crop, cfg.slide_stride, native))
+        if cost > lim.max_crops:
+            raise RfclipError(f"these settings need {cost} crops of {native} px for a {w}x{h} input, over this demo's "
+                              f"limit of {lim.max_crops} per request (--max-crops); use a larger stride, a smaller "
+                              "short side or a crop other than 0")
+
+    def _watch(self, seg_er, should_stop: Callable[[], bool] | None):
+        """``seg_er`` (a per-request copy) checks in between forward chunks: a cancelled request or one past the
+        time limit stops there, so that the next request is served within seconds."""
+        started = time.monotonic()
+        limit = self.limits.request_seconds
+
+        def check_in() -> None:
+            if should_stop is not None and should_stop():
+                raise RequestStopped("the request was cancelled")
+            if time.monotonic() - started > limit:
+                raise RfclipError(f"the request took over {limit:g} s, this demo's limit per request "
+                                  "(--request-timeout); use a smaller image or short side, a larger stride or fewer "
+                                  "classes")
+
+        check_in()  # a request cancelled while it waited for the model stops before any work
+        seg_er.check_in = check_in
+        return seg_er
+
     # ------------------------------------------------------------------ views
     def segment(self, image_path, classes: str, method: str, settings: Settings,
-                progress: Progress = _no_progress) -> SegmentResult:
-        """Segment the uploaded image; write the three files `rfclip segment` writes (mask PNG, overlay, JSON)."""
+                progress: Progress = _no_progress, should_stop: Callable[[], bool] | None = None) -> SegmentResult:
+        """Segment the uploaded image; write the three files `rfclip segment` writes (mask PNG, overlay, JSON).
+        ``should_stop``: True once the client has gone (the computation stops at the next forward chunk)."""
         from .. import viz
         from ..outputs import output_paths, segmentation_record, write_outputs
 
@@ -315,8 +439,9 @@ class DemoEngine:
         progress(0.05, "reading the image")
         image = read_image(image_path, self.max_megapixels)
         vocabulary = self._classes(classes)
+        self.check_limits(self._configured(settings), image, vocabulary)
         with self._lock:
-            seg_er = self.segmenter(method, settings)
+            seg_er = self._watch(self.segmenter(method, settings), should_stop)
             progress(0.15, "embedding the class names")
             text = seg_er.encode_classes(vocabulary)
             progress(0.3, f"segmenting with {seg_er.method_name}")
@@ -339,7 +464,7 @@ class DemoEngine:
                              colours=viz.palette(n), reader=reader, method=seg_er.method_name, seconds=seconds)
 
     def compare(self, image_path, classes: str, method_a: str, method_b: str, settings: Settings,
-                progress: Progress = _no_progress) -> CompareResult:
+                progress: Progress = _no_progress, should_stop: Callable[[], bool] | None = None) -> CompareResult:
         """Two methods on the same image, vocabulary and settings; the pixels where their classes differ marked."""
         from .. import viz
 
@@ -347,10 +472,13 @@ class DemoEngine:
         progress(0.05, "reading the image")
         image = read_image(image_path, self.max_megapixels)
         vocabulary = self._classes(classes)
+        self.check_limits(self._configured(settings), image, vocabulary, forwards=2)
         segs, seconds = [], []
         with self._lock:
+            watch = self._watch(self.segmenter(method_a, settings), should_stop).check_in  # one clock for both
             for i, spec in enumerate((method_a, method_b)):
                 seg_er = self.segmenter(spec, settings)
+                seg_er.check_in = watch
                 progress(0.1 + 0.4 * i, f"segmenting with {seg_er.method_name}")
                 text = seg_er.encode_classes(vocabulary)
                 t0 = time.perf_counter()
@@ -371,7 +499,8 @@ class DemoEngine:
                              seconds=tuple(seconds))
 
     def look_inside(self, image_path, point: tuple[float, float] | None, method: str, layers: str | None,
-                    settings: Settings, progress: Progress = _no_progress) -> InsideResult:
+                    settings: Settings, progress: Progress = _no_progress,
+                    should_stop: Callable[[], bool] | None = None) -> InsideResult:
         """RF-CLIP's diagnostics for the clicked point (``(x, y)`` in image pixels; None = the centre): the
         pictures `rfclip explain` draws, from :func:`rfclip.explain.explain_figures`."""
         from .. import viz
@@ -380,8 +509,9 @@ class DemoEngine:
         self._check_ready()
         progress(0.05, "reading the image")
         image = read_image(image_path, self.max_megapixels)
+        self.check_limits(self._configured(settings), image, whole=True)
         with self._lock:
-            seg_er = self.segmenter(method, settings)
+            seg_er = self._watch(self.segmenter(method, settings), should_stop)
             chosen = parse_layers_text(layers, seg_er.encoder.num_layers)
             progress(0.2, f"running {seg_er.method_name} with its diagnostics recorded")
             t0 = time.perf_counter()

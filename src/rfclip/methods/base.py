@@ -139,6 +139,10 @@ def _check_names(base: str, plugins: list[str]) -> None:
     for plugin in plugins:
         if plugin not in PLUGINS:
             raise RfclipError(f"unknown plugin '{plugin}'; available plugins: {', '.join(sorted(PLUGINS)) or 'none'}")
+    twice = sorted({p for p in plugins if plugins.count(p) > 1})
+    if twice:  # a plug-in wraps the method once; twice would run its step twice (or clash on its options)
+        raise RfclipError(f"plug-in '{twice[0]}' is named twice in '{'+'.join([base, *plugins])}'; name each plug-in "
+                          "once (e.g. --method naclip+fsa, or --plugin fsa, not both)")
 
 
 def build_method(spec: str, plugins=(), **options) -> Method:

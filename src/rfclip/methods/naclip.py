@@ -11,6 +11,7 @@ from torch import Tensor
 from ..constants import NACLIP_GAUSSIAN_STD
 from ..dense import FinalAttention, ForwardContext, softmax_attention
 from .base import Method, register_method
+from .options import coerce_fields
 
 
 @functools.lru_cache(maxsize=16)
@@ -35,6 +36,11 @@ class NACLIP(Method):
     description = "NACLIP: k-k attention plus a Gaussian neighbourhood prior in the last block, no residual/FFN"
     reduced_last_block = True
     gaussian_std: float = NACLIP_GAUSSIAN_STD
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if not self.gaussian_std > 0:  # 0 divides by zero, NaN gives NaN scores
+            raise ValueError(f"gaussian_std must be a finite number above 0, got {self.gaussian_std!r}")
 
     def final_attention(self, ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor) -> FinalAttention:
         omega = neighbourhood_prior(tuple(ctx.grid), float(self.gaussian_std)).to(k.device)

@@ -1,11 +1,16 @@
-"""Option parsing shared by the methods: layer lists, choices, on/off/auto switches, and string options from the
-command line coerced to the type of their dataclass field."""
+"""Option parsing shared by the methods, the command line and the demo: ``KEY=VALUE`` items (``--option``, the
+page's "Method options" field), layer lists, choices, on/off/auto switches, and string options coerced to the type
+of their dataclass field."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
 from typing import Any
+
+import numpy as np
 
 from ..errors import RfclipError
 
@@ -64,6 +69,48 @@ def parse_layers(spec, num_layers: int, name: str = "rf_layers") -> frozenset[in
     return frozenset(out)
 
 
+# ---------------------------------------------------------------------------------------------- KEY=VALUE text
+def parse_value(text: str) -> Any:
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, ``"none"`` -> None, ``"1,2,3"`` -> [1, 2, 3],
+    ``"[1, 2]"``/JSON -> as JSON; anything else stays a string."""
+    text = text.strip()
+    low = text.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text[:1] in "[{\"":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    if "," in text:
+        return [parse_value(part) for part in text.split(",") if part.strip()]
+    return text
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["beta=0.4", "distraction_dims=4,162"]`` -> ``{"beta": 0.4, "distraction_dims": [4, 162]}``."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise RfclipError(f"bad --option '{item}'; write it as KEY=VALUE, e.g. --option gaussian_std=3")
+        if key in options:
+            raise RfclipError(f"--option {key} given twice; give it once")
+        options[key] = parse_value(value)
+    return options
+
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
@@ -115,8 +162,10 @@ def coerce_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name, value in options.items():
         kind = types.get(name)
+        if kind in (int, float) and isinstance(value, (bool, np.bool_)):  # beta=true is not 1.0
+            raise ValueError(f"{name} must be a number, got {value!r}")
         if value is None or kind is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            out[name] = value
+            out[name] = _finite(name, value)
             continue
         if kind is bool:
             flag = parse_switch(value, name)
@@ -131,9 +180,19 @@ def coerce_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
                 out[name] = int(value)
             else:
                 out[name] = int(str(value).strip())
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+        out[name] = _finite(name, out[name])
     return out
+
+
+def _finite(name: str, value):
+    """A NaN or infinite number (also inside a list) is never a meaningful option value."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, (float, np.floating)) and not math.isfinite(float(v)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
 
 
 def coerce_fields(obj: Any) -> None:

@@ -660,8 +660,13 @@ def _load_open_clip_dir(folder: Path, requested: str, quick_gelu: bool | None) -
 
 
 def _load_path(path: Path, requested: str, quick_gelu: bool | None) -> _Loaded:
-    if not path.exists():
+    from .._io import file_problem
+
+    problem = file_problem(path)
+    if problem == "not found":
         raise RfclipError(f"checkpoint {path} does not exist; check the path given to --checkpoint")
+    if problem is not None and not path.is_dir():  # a FIFO or device would block or stream forever
+        raise RfclipError(f"checkpoint {path} {problem}; give a checkpoint file or folder to --checkpoint")
     if path.is_dir():
         folder = _snapshot(path)
         if (folder / "open_clip_config.json").is_file():

@@ -30,6 +30,7 @@ re-normalised with the VFM's (ImageNet's) mean/std. Then
 
 from __future__ import annotations
 
+import codecs
 import os
 import urllib.parse
 from typing import Any
@@ -330,12 +331,40 @@ def _download(name: str) -> str:
     raise WeightsNotFoundError(f"download of VFM {name} from {repo} failed ({reason}); {hint}")
 
 
+def _looks_like_weights(path: str) -> bool:
+    """A zip ``torch.save`` file, a legacy pickle, or a safetensors header: from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5):
+        return True
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000
+
+
+def _content(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "the file is empty"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at 4096 bytes is fine
+        return "it holds text"
+    except UnicodeDecodeError:
+        return "unrecognised content"
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """A state dict from ``.safetensors`` or a PyTorch file (``weights_only=True``); unwraps ``model`` /
     ``state_dict`` / ``teacher`` containers and strips ``module.`` / ``backbone.`` prefixes."""
+    from .._io import file_problem
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise RfclipError(f"VFM checkpoint not found: {path}; check the --vfm-checkpoint path")
+    problem = file_problem(path)
+    if problem is not None:
+        what = "not found: " + path if problem == "not found" else f"{path} {problem}"
+        raise RfclipError(f"VFM checkpoint {what}; check the --vfm-checkpoint path")
+    if not _looks_like_weights(path):
+        raise RfclipError(f"VFM checkpoint {path} is not a checkpoint ({_content(path)}); give a .safetensors file "
+                          "or a PyTorch state dict (.pth / .pt / .bin)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
