@@ -61,6 +61,7 @@ def add_parser(subparsers) -> None:
                         help=f"largest image the page accepts, in megapixels (default: {MAX_MEGAPIXELS:g})")
     common.add_model_options(p)
     common.add_method_options(p)
+    common.add_masks_option(p)
     common.add_inference_options(p)
 
 

@@ -76,6 +76,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", "-o", metavar="FILE",
                    help="results JSON; the per-class CSV goes next to it (default: rfclip-results/DATASET-METHOD.json)")
     _add_eval_options(p, PRESETS)
+    common.add_masks_option(p)
     p.set_defaults(_run=run_eval)
 
     p = subparsers.add_parser(

@@ -64,6 +64,7 @@ def add_parser(subparsers) -> None:
     io.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     common.add_model_options(p)
     common.add_method_options(p)
+    common.add_masks_option(p)
     common.add_inference_options(p)
 
 
