@@ -8,6 +8,7 @@ a one-line error naming the configuration that fits. The packages are imported h
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -264,6 +265,22 @@ class SamMasks(_Generator):
 HF_PANOPTIC = {"mask2former": "Mask2FormerForUniversalSegmentation", "eomt": "EomtForUniversalSegmentation"}
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' loading report, progress bars and notes off for a moment (errors still show)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class HFPanopticMasks(_Generator):
     """A panoptic model through ``transformers`` (Mask2Former; EoMT), from a local folder of safetensors weights.
 
@@ -295,14 +312,20 @@ class HFPanopticMasks(_Generator):
             have = [k for k, v in HF_PANOPTIC.items() if hasattr(transformers, v)]
             raise RfclipError(f"{self.folder} holds a '{self.model_type}' model; panoptic masks take "
                               f"{' or '.join(have)} models (transformers {transformers.__version__})")
-        model, info = model_class.from_pretrained(self.folder, local_files_only=True, use_safetensors=True,
-                                                  output_loading_info=True)
-        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        if bad:
-            kind, keys = next(iter(bad.items()))
-            raise RfclipError(f"weights in {self.folder} do not match its config.json ({len(keys)} "
-                              f"{kind.replace('_', ' ')}, e.g. {next(iter(keys))}); save model and config together")
-        self.processor = transformers.AutoImageProcessor.from_pretrained(self.folder, local_files_only=True)
+        fix = "save the model and its config.json together (model.save_pretrained(DIR))"
+        with _quiet_transformers():
+            try:
+                model, info = model_class.from_pretrained(self.folder, local_files_only=True, use_safetensors=True,
+                                                          output_loading_info=True)
+            except RuntimeError as err:  # shapes that differ from config.json
+                first = str(err).strip().splitlines()[0][:160]
+                raise RfclipError(f"weights in {self.folder} do not match its config.json ({first}); {fix}") from None
+            bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+            if bad:
+                kind, keys = next(iter(bad.items()))
+                raise RfclipError(f"weights in {self.folder} do not match its config.json ({len(keys)} "
+                                  f"{kind.replace('_', ' ')}, e.g. {next(iter(keys))}); {fix}")
+            self.processor = transformers.AutoImageProcessor.from_pretrained(self.folder, local_files_only=True)
         self.device = _device(device)
         self.model = model.to(self.device).eval()
 
@@ -311,7 +334,8 @@ class HFPanopticMasks(_Generator):
 
         inputs = self.processor(Image.fromarray(image), return_tensors="pt").to(self.device)
         outputs = self.model(**inputs)
-        result = self.processor.post_process_panoptic_segmentation(outputs, target_sizes=[image.shape[:2]])[0]
+        with _quiet_transformers():  # its per-image note that no label ids are fused
+            result = self.processor.post_process_panoptic_segmentation(outputs, target_sizes=[image.shape[:2]])[0]
         segmentation = result["segmentation"].cpu().numpy()
         return np.maximum(segmentation, 0).astype(np.int32)  # -1: the post-process found no segment
 
