@@ -257,6 +257,26 @@ def test_mask2former_panoptic_segmentation(m2f_dir):
     np.testing.assert_array_equal(region_map, np.maximum(result["segmentation"].numpy(), 0))
 
 
+def test_eomt_panoptic_segmentation(tmp_path):
+    from transformers import EomtConfig, EomtForUniversalSegmentation, EomtImageProcessor
+
+    cfg = EomtConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16,
+                     num_blocks=1, num_queries=8, num_labels=5, num_register_tokens=1, num_upscale_blocks=1)
+    torch.manual_seed(0)
+    EomtForUniversalSegmentation(cfg).save_pretrained(tmp_path)
+    EomtImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}, do_pad=True).save_pretrained(tmp_path)
+    source = mask_source(f"hf:{tmp_path}", device="cpu")
+    assert source.model_type == "eomt"
+    img = _image(4)
+    region_map = source(img)
+    assert region_map.shape == img.shape[:2] and region_map.dtype == np.int32
+    inputs = source.processor(Image.fromarray(img), return_tensors="pt")
+    with torch.no_grad():
+        result = source.processor.post_process_panoptic_segmentation(source.model(**inputs),
+                                                                     target_sizes=[img.shape[:2]])[0]
+    np.testing.assert_array_equal(region_map, np.maximum(result["segmentation"].numpy(), 0))
+
+
 def test_mask2former_weights_not_matching_config(m2f_dir, tmp_path):
     import json
     import shutil
