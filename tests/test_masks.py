@@ -406,3 +406,66 @@ def test_masks_option_on_segment_eval_demo():
         args = parser.parse_args([*argv, "--masks", "npz:dir"])
         assert args.masks == "npz:dir"
     assert "sam2:CHECKPOINT" in parser._subparsers._group_actions[0].choices["segment"].format_help()
+
+
+# ---------------------------------------------------------------------------------------------- demo --masks
+@pytest.fixture
+def masks_engine(tiny_clip, tmp_path):
+    from rfclip.demo.engine import DemoEngine, ModelInfo
+    from rfclip.segmenter import Segmenter
+
+    saved = tmp_path / "maps"
+    saved.mkdir()
+    region_map = np.zeros((40, 56), np.int32)
+    region_map[:, 20:] = 3
+    region_map[10:30, 30:50] = 7
+    np.savez_compressed(saved / "photo.npz", instance_mask=region_map)
+    Image.fromarray(_image(5)).save(tmp_path / "photo.png")
+    base = Segmenter(tiny_clip, method="clip", device="cpu", text_cache=False, templates=["a photo of a {}."])
+    (tmp_path / "out").mkdir()
+    engine = DemoEngine(base, ModelInfo("tiny", None, "tiny.safetensors", "cpu"), out_root=tmp_path / "out",
+                        masks=NpzMasks(saved))
+    return engine, tmp_path / "photo.png", region_map
+
+
+def test_demo_offers_mask_methods_only_with_a_mask_source(monkeypatch):
+    from rfclip.demo.engine import method_choices, needs_masks
+    from rfclip.methods import METHODS
+
+    monkeypatch.setitem(METHODS, "zz_regions", type("ZZRegions", (METHODS["clip"],), {"needs_masks": True}))
+    assert needs_masks("zz_regions") and not needs_masks("clip")
+    assert "zz_regions" not in method_choices() and "clip" in method_choices()
+    assert "zz_regions" in method_choices(with_masks=True)
+
+
+def test_demo_draws_the_regions_of_the_mask_source(masks_engine):
+    from rfclip.demo.engine import DemoEngine, Settings
+    from rfclip.masks.draw import region_boundaries
+
+    engine, photo, region_map = masks_engine
+    picture = np.asarray(engine.regions(str(photo)))
+    assert picture.shape == (40, 56, 3)
+    image = _image(5)
+    untouched = (region_map == 0) & ~region_boundaries(region_map)
+    np.testing.assert_array_equal(picture[untouched], image[untouched])
+    assert (picture[region_boundaries(region_map)] == 255).all()
+    inside_3, inside_7 = picture[5, 25].astype(int) - image[5, 25], picture[20, 40].astype(int) - image[20, 40]
+    assert np.abs(inside_3).sum() > 0 and np.abs(inside_7).sum() > 0
+    result = engine.segment(str(photo), "cat; dog", "clip", Settings(short_side=224), show_regions=True)
+    np.testing.assert_array_equal(np.asarray(result.regions), picture)
+    assert engine.segment(str(photo), "cat; dog", "clip", Settings(short_side=224)).regions is None
+    plain = DemoEngine(engine.base, engine.info, out_root=engine.out_root)
+    with pytest.raises(RfclipError, match="--masks SPEC"):
+        plain.regions(str(photo))
+
+
+def test_demo_page_with_masks_has_the_regions_view(masks_engine):
+    from rfclip.demo.app import build_app
+
+    engine, _, _ = masks_engine
+    app = build_app(engine, method="clip")
+    ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
+    assert {"regions-run", "regions-image"} <= ids
+    engine.masks = None
+    ids = {getattr(block, "elem_id", None) for block in build_app(engine, method="clip").blocks.values()}
+    assert "regions-run" not in ids

@@ -23,6 +23,8 @@ examples:
   rfclip demo --checkpoint ViT-B-16.pt             local weights (offline)
   rfclip demo --model ViT-L-14 --pretrained openai --device cuda --port 8080
   rfclip demo --checkpoint clip.safetensors --option distraction_dims=4,162,189
+  rfclip demo --checkpoint clip.safetensors --masks npz:masks/   region masks: offers corrclip and METHOD+masks,
+                                                 and shows an image's regions (make them with `rfclip masks`)
 
 The page opens at http://127.0.0.1:7860 (this machine only; --host 0.0.0.0 serves
 the network). Method options given here (--option KEY=VALUE) fill the page's
@@ -122,6 +124,7 @@ def run(args) -> int:
                           f"{', '.join(sorted(all_method_options()))}; inference takes: {', '.join(sorted(config_names))}")
     common.check_checkpoint_path(args.checkpoint)
     check_address(args.host, args.port)
+    masks = common.masks_from_args(args)  # --masks: a bad spec or a missing extra fails before CLIP loads
 
     src = args.checkpoint or f"{args.model} ({args.pretrained})"
     print(f"rfclip demo: loading {src} ...", file=sys.stderr, flush=True)
@@ -136,7 +139,7 @@ def run(args) -> int:
     info = ModelInfo(model=getattr(getattr(base, "clip", None), "name", None) or args.model,
                      pretrained=args.pretrained if not args.checkpoint else None, checkpoint=args.checkpoint,
                      device=str(base.device) if base is not None else "")
-    engine = DemoEngine(base, info, unavailable=unavailable, max_megapixels=args.max_megapixels)
+    engine = DemoEngine(base, info, unavailable=unavailable, max_megapixels=args.max_megapixels, masks=masks)
     app = build_app(engine, method=spec, settings=Settings(options=_option_text(method_options)))
     try:
         url = serve(app, args.host, args.port, allowed_paths=[str(engine.out_root)])
