@@ -108,6 +108,12 @@ def test_npz_masks_reads_corrclip_files_and_refuses_bad_ones(tmp_path):
     np.savez(tmp_path / "d.npz", instance_mask=np.array([{"x": 1}], dtype=object))
     with pytest.raises(RfclipError, match="cannot read"):
         NpzMasks(tmp_path)(img, "d.jpg")
+    np.savez(tmp_path / "f.npz", instance_mask=region_map.astype(np.float32))
+    with pytest.raises(RfclipError, match="dtype float32"):
+        NpzMasks(tmp_path)(img, "f.jpg")
+    np.savez(tmp_path / "g.npz", instance_mask=region_map - 5)
+    with pytest.raises(RfclipError, match="negative ids"):
+        NpzMasks(tmp_path)(img, "g.jpg")
     np.savez(tmp_path / "e.npz", instance_mask=region_map[:3])
     with pytest.raises(RfclipError, match="is 3x6"):
         NpzMasks(tmp_path)(img, "e.jpg")
@@ -308,7 +314,7 @@ def test_extra_missing_is_one_line_with_the_install_steps(monkeypatch, images, t
     code = main(["masks", str(images), "--masks", "sam2:whatever.pt", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert 'pip install -e ".[masks]"' in err
+    assert "need the package sam2," in err and 'pip install -e ".[masks]"' in err
     assert "SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0" in err
     assert not (tmp_path / "o").exists()
 
@@ -469,3 +475,13 @@ def test_demo_page_with_masks_has_the_regions_view(masks_engine):
     engine.masks = None
     ids = {getattr(block, "elem_id", None) for block in build_app(engine, method="clip").blocks.values()}
     assert "regions-run" not in ids
+
+
+def test_base_install_imports_no_mask_package():
+    import subprocess
+
+    code = ("import sys, rfclip.masks, rfclip.cli.masks; from rfclip.cli import build_parser; build_parser(); "
+            "print([m for m in ('sam2', 'segment_anything', 'transformers', 'hydra') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert out.stdout.strip() == "[]"

@@ -36,14 +36,19 @@ SAM_SIZES = {"vit_b": (768, 12, 12, (2, 5, 8, 11)), "vit_l": (1024, 24, 16, (5, 
 SAM_IMAGE_TOKENS = 1024 // 16  # SAM's image encoder: 1024 px input, 16 px patches
 
 
+PIP_NAMES = {"segment_anything": "segment-anything", "hydra": "hydra-core", "omegaconf": "hydra-core"}
+
+
 def _require(module: str, what: str):
+    """Import ``module``; missing (it or what it imports) is a one-line error naming the install steps."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise RfclipError(f"{what} needs the package {err.name or module}, which is not installed; {INSTALL_HINT}") \
-            from None
+        top = (err.name or module).split(".")[0]
+        raise RfclipError(f"{what} need the package {PIP_NAMES.get(top, top)}, which is not installed; "
+                          f"{INSTALL_HINT}") from None
 
 
 def _read_checkpoint(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
