@@ -209,9 +209,10 @@ def test_sam2_defaults_are_corrclips(sam2_files):
         (8, 0.4, 0.4, False)
 
 
-def test_sam2_config_picked_from_checkpoint_shapes():
+def test_sam2_config_picked_from_checkpoint_shapes(monkeypatch):
     from sam2.build_sam import build_sam2
 
+    from rfclip.masks import generators
     from rfclip.masks.generators import sam2_config_for
 
     state = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu",
@@ -219,6 +220,9 @@ def test_sam2_config_picked_from_checkpoint_shapes():
     assert sam2_config_for(state) == "sam2.1_hiera_t"
     v1 = {k: v for k, v in state.items() if k not in ("no_obj_embed_spatial",)}
     assert sam2_config_for(v1) == "sam2_hiera_t"
+    monkeypatch.setattr(generators, "_read_checkpoint", lambda path, what: state)  # as if read from a .pt
+    with pytest.raises(RfclipError, match=r"fits sam2.1_hiera_t: use sam2:x.pt@sam2.1_hiera_t or leave out @CONFIG"):
+        Sam2Masks("x.pt", "sam2_hiera_t")  # a SAM2.1 checkpoint named with the SAM2 (2.0) config
 
 
 def test_sam2_checkpoint_not_matching_its_config(sam2_files, images, tmp_path, capsys):
