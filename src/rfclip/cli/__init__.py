@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import RfclipError
 
 # Subcommand modules, in --help order. Missing modules are skipped (see the module docstring).
-SUBCOMMAND_MODULES = ["segment", "eval", "calibrate", "explain", "demo"]
+SUBCOMMAND_MODULES = ["segment", "eval", "calibrate", "explain", "demo", "masks"]
 
 
 class ArgumentParser(argparse.ArgumentParser):

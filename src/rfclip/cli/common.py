@@ -170,6 +170,25 @@ def add_images_per_batch_option(group) -> None:
                        help="images whose crops share forward passes (default: 4)")
 
 
+def add_masks_option(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """``--masks SPEC``: where the region masks come from (the mask tier; see :func:`rfclip.masks.mask_source`)."""
+    from ..masks import MASK_SPEC_FORMS
+
+    parser.add_argument("--masks", required=required, metavar="SPEC",
+                        help="region masks for the methods that use them (corrclip, METHOD+masks): "
+                             + "; ".join(MASK_SPEC_FORMS.values()) + " (generators need the masks extra)")
+
+
+def masks_from_args(args: argparse.Namespace):
+    """The mask source of ``--masks`` (None without it); a bad spec is a one-line error."""
+    spec = getattr(args, "masks", None)
+    if not spec:
+        return None
+    from ..masks import mask_source
+
+    return mask_source(spec, device=getattr(args, "device", None))
+
+
 def method_list() -> str:
     from ..methods import METHODS, PLUGINS
 
@@ -279,32 +298,11 @@ def build_segmenter(args: argparse.Namespace, **overrides):
 
     check_checkpoint_path(args.checkpoint)
     options = segmenter_options(args)
+    if "masks" not in overrides:  # --masks: loaded before the CLIP model (a bad spec fails first)
+        options["masks"] = masks_from_args(args)
     options.update(overrides)
     seg = Segmenter(args.model, args.pretrained, method=args.method, plugins=tuple(args.plugin or ()),
                     checkpoint=args.checkpoint, device=args.device, quick_gelu=getattr(args, "quick_gelu", None),
-                    masks=masks_from_args(args), **options)
+                    **options)
     reuse_cpu_memory_from_env(seg.device)  # the command line owns its process: keep large CPU buffers for reuse
     return seg
-
-
-def add_masks_option(parser) -> None:
-    """``--masks SPEC``: where region masks come from, for methods that need them (corrclip, +masks)."""
-    parser.add_argument("--masks", metavar="SPEC", default=None,
-                        help="region masks for methods that need them (corrclip, +masks): npz:DIR = saved CorrCLIP "
-                             ".npz maps, one per image file name")
-
-
-def masks_from_args(args: argparse.Namespace):
-    """The mask source ``--masks SPEC`` names (``rfclip.masks.mask_source`` where it exists), or None."""
-    spec = getattr(args, "masks", None)
-    if spec is None:
-        return None
-    from .. import masks as masks_mod
-
-    parse = getattr(masks_mod, "mask_source", None)
-    if parse is not None:
-        return parse(spec)
-    kind, _, rest = str(spec).partition(":")
-    if kind != "npz" or not rest:
-        raise RfclipError(f"unknown --masks {spec!r}; give npz:DIR (a folder of saved .npz region maps)")
-    return masks_mod.NpzMasks(rest)

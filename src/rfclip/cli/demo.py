@@ -28,6 +28,8 @@ examples:
   rfclip demo --checkpoint ViT-B-16.pt             local weights (offline)
   rfclip demo --model ViT-L-14 --pretrained openai --device cuda --port 8080
   rfclip demo --checkpoint clip.safetensors --option distraction_dims=4,162,189
+  rfclip demo --checkpoint clip.safetensors --masks npz:masks/   region masks: offers corrclip and METHOD+masks,
+                                                 and shows an image's regions (make them with `rfclip masks`)
 
 The page opens at http://127.0.0.1:7860 (this machine only; --host 0.0.0.0 serves
 the network). Method options given here (--option KEY=VALUE) fill the page's
@@ -91,6 +93,7 @@ def add_parser(subparsers) -> None:
                         help=f"seconds of computing per request (default: {defaults.request_seconds:g})")
     common.add_model_options(p)
     common.add_method_options(p)
+    common.add_masks_option(p)
     common.add_inference_options(p)
 
 
@@ -177,6 +180,7 @@ def _run(args, out_root: Path) -> int:
     if args.host not in LOCAL_HOSTS and args.auth is None:
         print(f"rfclip demo: warning: the page on {args.host} has no authentication: anyone who can reach this "
               "machine can use it (and its compute); add --auth USER:PASSWORD", file=sys.stderr, flush=True)
+    masks = common.masks_from_args(args)  # --masks: a bad spec or a missing extra fails before CLIP loads
 
     src = args.checkpoint or f"{args.model} ({args.pretrained})"
     print(f"rfclip demo: loading {src} ...", file=sys.stderr, flush=True)
@@ -194,7 +198,7 @@ def _run(args, out_root: Path) -> int:
     limits = Limits(**{name: getattr(args, name) for name in ("max_crops", "max_short_side", "max_pamr_steps",
                                                               "max_classes", "max_prompts", "request_seconds")})
     engine = DemoEngine(base, info, unavailable=unavailable, max_megapixels=args.max_megapixels, limits=limits,
-                        out_root=out_root)
+                        out_root=out_root, masks=masks)
     app = None
     try:
         app = build_app(engine, method=spec, settings=Settings(options=_option_text(method_options)))

@@ -206,7 +206,7 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
     """The Gradio Blocks of the demo (not launched; see :func:`serve`)."""
     cfg = engine.base.config if engine.base is not None else None
     settings = settings or Settings()
-    methods = method_choices()
+    methods = method_choices(with_masks=engine.masks is not None)
     inside = inside_choices()
     dims_problem = engine.dims_problem(settings)
     if dims_problem:  # offer the methods that run with these weights; say why the others do not
@@ -299,6 +299,12 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
                                                     file_count="multiple", interactive=False,
                                                     elem_id="segment-files")
                         seg_reader = gr.State(None, time_to_live=3600)  # a result's pixels: freed after an hour
+                        regions_button = seg_regions = None
+                        if engine.masks is not None:  # demo --masks: the mask source's regions, on request
+                            with gr.Accordion("Regions (the --masks source)", open=False, elem_id="regions"):
+                                regions_button = gr.Button("Show the regions of the image", elem_id="regions-run")
+                                seg_regions = gr.Image(show_label=False, interactive=False, elem_id="regions-image",
+                                                       format="png", buttons=["fullscreen"])
                     with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                         with gr.Row(equal_height=False, elem_classes=["rf-controls"]):
                             cmp_a = gr.Dropdown(methods, value=compare_a, label="Method A", scale=2,
@@ -396,6 +402,12 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
             yield (status, res.picture, fraction_bars(res.classes, res.fractions, res.colours),
                    "Click a pixel of the result to read its class.", [str(p) for p in res.files], res.reader)
 
+        def on_regions(path):
+            try:
+                return engine.regions(path), ""
+            except Exception as err:  # noqa: BLE001 - shown in the page
+                return None, _failure(err)
+
         def on_read(reader, evt: gr.SelectData):
             if reader is None or evt.index is None:
                 return ""
@@ -461,6 +473,9 @@ def build_app(engine: DemoEngine, method: str = "rfclip", settings: Settings | N
         seg_button.click(on_segment, [image_file, classes, seg_method, *knobs], seg_outputs, api_name="segment",
                          show_progress_on=[seg_overlay], **model)
         seg_overlay.select(on_read, [seg_reader], [seg_readout], **helper)
+        if regions_button is not None:
+            regions_button.click(on_regions, [image_file], [seg_regions, seg_status], api_name="regions",
+                                 show_progress_on=[seg_regions], **model)
         cmp_button.click(on_compare, [image_file, classes, cmp_a, cmp_b, *knobs],
                          [cmp_status, cmp_img_a, cmp_img_b, cmp_diff, cmp_table], api_name="compare",
                          show_progress_on=[cmp_img_a, cmp_img_b], **model)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import RfclipError
+from ..methods.base import spec_needs_masks
 
 MAX_MEGAPIXELS = 40.0  # default upload limit (a 48 MP phone photo is over it; segment those with the CLI)
 PROBS_BUDGET = 1 << 27  # elements of (C, H, W) probabilities kept for the pixel read-out (512 MB in fp32)
@@ -90,7 +91,6 @@ def method_choices(with_masks: bool = False) -> list[str]:
     """Every registered method, then each with every plug-in that can wrap it (``naclip+fsa``); the methods that
     need region masks (``corrclip``, ``+masks``) only ``with_masks`` (a mask source is given)."""
     from ..methods import method_specs
-    from ..methods.base import spec_needs_masks
 
     return [s for s in method_specs() if with_masks or not spec_needs_masks(s)]
 
@@ -231,6 +231,7 @@ class SegmentResult:
     reader: PixelReader
     method: str
     seconds: float
+    regions: Image.Image | None = None  # the image with the mask source's regions (show_regions, demo --masks)
 
 
 @dataclass
@@ -284,6 +285,7 @@ class DemoEngine:
     max_megapixels: float = MAX_MEGAPIXELS
     out_root: Path | None = None
     limits: Limits = field(default_factory=Limits)
+    masks: object | None = None  # a rfclip.masks.MaskSource (demo --masks): offers the methods that need masks
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -428,10 +430,35 @@ class DemoEngine:
         return seg_er
 
     # ------------------------------------------------------------------ views
+    def region_map(self, image: np.ndarray, image_path) -> np.ndarray:
+        """The mask source's region map of the uploaded image (found by the upload's file name for saved maps)."""
+        if self.masks is None:
+            raise RfclipError("no mask source; start the demo with --masks SPEC (npz:DIR, sam2:CHECKPOINT, "
+                              "sam:CHECKPOINT or hf:DIR) to use region masks")
+        return self.masks(image, os.fspath(image_path))
+
+    def regions(self, image_path) -> Image.Image:
+        """The uploaded image with the mask source's regions drawn (colours and boundaries)."""
+        from ..masks.draw import draw_regions
+
+        image = read_image(image_path, self.max_megapixels)
+        with self._lock:
+            region_map = self.region_map(image, image_path)
+        return draw_regions(image, region_map)
+
+    def _masks_for(self, spec: str, image: np.ndarray, image_path) -> np.ndarray | None:
+        if not spec_needs_masks(spec):
+            return None
+        if self.masks is None:
+            raise RfclipError(f"method {spec} needs region masks; start the demo with --masks SPEC")
+        return self.region_map(image, image_path)
+
     def segment(self, image_path, classes: str, method: str, settings: Settings,
-                progress: Progress = _no_progress, should_stop: Callable[[], bool] | None = None) -> SegmentResult:
+                progress: Progress = _no_progress, should_stop: Callable[[], bool] | None = None,
+                show_regions: bool = False) -> SegmentResult:
         """Segment the uploaded image; write the three files `rfclip segment` writes (mask PNG, overlay, JSON).
-        ``should_stop``: True once the client has gone (the computation stops at the next forward chunk)."""
+        ``should_stop``: True once the client has gone (the computation stops at the next forward chunk).
+        ``show_regions`` (with a mask source) also draws the image's regions."""
         from .. import viz
         from ..outputs import output_paths, segmentation_record, write_outputs
 
@@ -442,11 +469,14 @@ class DemoEngine:
         self.check_limits(self._configured(settings), image, vocabulary)
         with self._lock:
             seg_er = self._watch(self.segmenter(method, settings), should_stop)
+            region_map = self._masks_for(method, image, image_path)
+            if show_regions and region_map is None and self.masks is not None:
+                region_map = self.region_map(image, image_path)
             progress(0.15, "embedding the class names")
             text = seg_er.encode_classes(vocabulary)
             progress(0.3, f"segmenting with {seg_er.method_name}")
             t0 = time.perf_counter()
-            seg = self._segment(seg_er, image, text)
+            seg = self._segment(seg_er, image, text, region_map if spec_needs_masks(method) else None)
             seconds = time.perf_counter() - t0
         progress(0.9, "drawing")
         reader = PixelReader(seg.mask.astype(np.uint16 if len(seg.classes) > 256 else np.uint8), self._best(seg),
@@ -458,10 +488,16 @@ class DemoEngine:
         write_outputs(paths, image, seg, record, alpha=0.5)
         n = len(seg.classes)
         picture = viz.overlay(image, seg.mask, seg.classes, alpha=0.5, palette=viz.palette(n), legend=False)
+        regions = None
+        if show_regions and region_map is not None:
+            from ..masks.draw import draw_regions
+
+            regions = draw_regions(image, region_map)
         return SegmentResult(picture=picture, overlay=paths["overlay"],
                              files=[paths["mask"], paths["json"], paths["overlay"]],
                              classes=seg.classes, fractions=list(viz.class_fractions(seg.mask, seg.classes).values()),
-                             colours=viz.palette(n), reader=reader, method=seg_er.method_name, seconds=seconds)
+                             colours=viz.palette(n), reader=reader, method=seg_er.method_name, seconds=seconds,
+                             regions=regions)
 
     def compare(self, image_path, classes: str, method_a: str, method_b: str, settings: Settings,
                 progress: Progress = _no_progress, should_stop: Callable[[], bool] | None = None) -> CompareResult:
@@ -481,8 +517,10 @@ class DemoEngine:
                 seg_er.check_in = watch
                 progress(0.1 + 0.4 * i, f"segmenting with {seg_er.method_name}")
                 text = seg_er.encode_classes(vocabulary)
+                region_map = self._masks_for(spec, image, image_path)
+                extra = {} if region_map is None else {"masks": region_map}
                 t0 = time.perf_counter()
-                segs.append(seg_er.segment(image, text, return_probs=False))
+                segs.append(seg_er.segment(image, text, return_probs=False, **extra))
                 seconds.append(time.perf_counter() - t0)
         progress(0.9, "drawing")
         a, b = segs
@@ -523,10 +561,12 @@ class DemoEngine:
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _segment(seg_er, image: np.ndarray, text):
-        """Probabilities only where they fit the budget (they feed the pixel read-out)."""
+    def _segment(seg_er, image: np.ndarray, text, region_map: np.ndarray | None = None):
+        """Probabilities only where they fit the budget (they feed the pixel read-out); ``region_map`` for the
+        methods that need masks (``Segmenter.segment(..., masks=ARRAY)``)."""
         h, w = image.shape[:2]
-        return seg_er.segment(image, text, return_probs=text.num_classes * h * w <= PROBS_BUDGET)
+        extra = {} if region_map is None else {"masks": region_map}
+        return seg_er.segment(image, text, return_probs=text.num_classes * h * w <= PROBS_BUDGET, **extra)
 
     @staticmethod
     def _best(seg) -> np.ndarray | None:

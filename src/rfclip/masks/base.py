@@ -79,3 +79,17 @@ class NpzMasks:
 
     def describe(self) -> dict:
         return {"source": "npz", "folder": str(self.folder)}
+
+
+def paint_by_area(masks, size: tuple[int, int]) -> np.ndarray:
+    """Paint SAM / SAM2 automatic masks into one region map as CorrCLIP does: ascending area, ids 1..n.
+
+    ``masks``: the generator's records (dicts with ``segmentation``, a bool (H, W) array, and ``area``, its pixel
+    count). They are sorted by ``area`` (stable: equal areas keep the generator's order), the i-th gets id i
+    (1-based), and a later (larger) mask overwrites the earlier ones where they overlap, so a pixel ends with the
+    largest mask that covers it. Pixels no mask covers stay 0. Returns int32 (H, W).
+    """
+    region_map = np.zeros(tuple(size), dtype=np.int32)
+    for region_id, record in enumerate(sorted(masks, key=lambda r: r["area"]), start=1):
+        region_map[np.asarray(record["segmentation"], dtype=bool)] = region_id
+    return region_map
