@@ -451,8 +451,9 @@ def masks_engine(tiny_clip, tmp_path):
 
 
 def test_demo_offers_mask_methods_only_with_a_mask_source(monkeypatch):
-    from rfclip.demo.engine import method_choices, needs_masks
+    from rfclip.demo.engine import method_choices
     from rfclip.methods import METHODS
+    from rfclip.methods.base import spec_needs_masks as needs_masks
 
     monkeypatch.setitem(METHODS, "zz_regions", type("ZZRegions", (METHODS["clip"],), {"needs_masks": True}))
     assert needs_masks("zz_regions") and not needs_masks("clip")

@@ -57,9 +57,7 @@ def _inputs(args) -> tuple[list[Path], bool]:
         dataset = build_dataset(canonical_dataset_name(args.dataset), args.root, split=args.split)
         paths, from_dataset = [Path(img) for img, _, _ in dataset.samples], True
     elif args.images:
-        from .segment import expand_images
-
-        paths, from_dataset = expand_images(args.images), False
+        paths, from_dataset = image_files(args.images), False
     else:
         raise RfclipError("no images given; name image files or folders, or --dataset NAME --root DIR")
     paths = paths[:args.limit] if args.limit else paths
@@ -140,3 +138,21 @@ def save_region_map(file: Path, region_map) -> None:
 
     with atomic_open(file, "wb") as f:
         np.savez_compressed(f, **{NPZ_KEY: np.asarray(region_map, dtype=np.int32)})
+
+
+def image_files(items: list[str]) -> list[Path]:
+    """Image paths; a folder stands for the image files directly inside it (sorted, hidden files skipped), as for
+    ``rfclip segment``."""
+    from ..jobs.inputs import IMAGE_SUFFIXES, folder_images
+
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = folder_images(path, recursive=False)
+            if not found:
+                raise RfclipError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return paths
