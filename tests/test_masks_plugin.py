@@ -109,3 +109,19 @@ def test_demo_offers_mask_methods_only_with_masks():
 
     assert not {"corrclip", "naclip+masks"} & set(method_choices())
     assert {"corrclip", "naclip+masks", "rfclip_release+masks"} <= set(method_choices(with_masks=True))
+
+
+def test_fsa_over_masks_keeps_both(tiny_clip):
+    """``naclip+masks+fsa``: FSA's feedback on the region-restricted attention, and the regions still corrected."""
+    img, regions = image_and_regions()
+    stacked = segmenter(tiny_clip, "naclip+masks+fsa")
+    assert stacked.method.needs_masks and stacked.method.restricts_scope
+    text = stacked.encode_classes("cat;dog;grass;sky")
+    (mask, probs), = stacked.predict([img], text, regions=[regions])
+    for v in (2, 4, 7):
+        assert torch.unique(mask[torch.from_numpy(regions == v)]).numel() == 1
+    (_, p_fsa), = segmenter(tiny_clip, "naclip+fsa").predict([img], text)
+    (_, p_masks), = segmenter(tiny_clip, "naclip+masks").predict([img], text, regions=[regions])
+    assert (probs - p_fsa).abs().max() > 1e-4 and (probs - p_masks).abs().max() > 1e-4
+    with pytest.raises(RfclipError, match="--masks"):
+        stacked.segment(img, "a;b")

@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 from typing import TYPE_CHECKING, Callable, ClassVar
 
+import torch
 from torch import Tensor
 
 from ..dense import ForwardContext, Hooks, softmax_attention
@@ -54,6 +55,122 @@ class Method(Hooks):
         own [CLS] (or the whole image's, see :attr:`needs_image_cls`; None when the forward has none), and the
         query embeddings ``text_features`` (Q, D) fp32. Returns (B, N, Q). Default: ``features @ text_features.T``."""
         return features @ text_features.T
+
+
+class UsesVFM:
+    """For methods that run a vision foundation model beside CLIP (dataclass fields ``vfm``: a name or a module,
+    ``vfm_checkpoint``): the VFM is loaded once, on the CLIP model's device, in ``prepare`` (so that a missing file
+    fails before any image), and a module given as ``vfm`` is named by its model name in the options."""
+
+    _vfm = None
+
+    def load_vfm(self, device=None):
+        """The VFM, loaded on first use and moved to ``device`` when it is elsewhere."""
+        if self._vfm is None:
+            from ..models.vfm import load_vfm
+
+            self._vfm = load_vfm(self.vfm, self.vfm_checkpoint, device=device)
+        elif device is not None and self._vfm._scale.device != torch.device(device):
+            self._vfm = self._vfm.to(device)
+        return self._vfm
+
+    def prepare(self, clip) -> None:
+        try:
+            device = next(clip.model.parameters()).device
+        except (AttributeError, StopIteration):
+            device = None
+        self.load_vfm(device)
+
+    def options(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # no deep copy of a module
+        if not isinstance(out["vfm"], str):
+            out["vfm"] = getattr(self._vfm, "name", type(self.vfm).__name__)
+        return out
+
+
+@dataclasses.dataclass
+class Plugin(Method):
+    """A method wrapped by a plug-in (``naclip+fsa``, ``rfclip+masks``): every hook and image-level property is the
+    base's unless the plug-in overrides it, and the base's options and helpers (e.g. ProxyCLIP's ``vfm_kind``) are
+    visible through it. A subclass sets ``suffix`` (its name after ``+``) and ``adds`` (what it adds, for the
+    description) and registers itself with :func:`register_plugin`."""
+
+    base: Method
+    suffix: ClassVar[str] = ""
+    adds: ClassVar[str] = ""
+
+    def _check_base(self) -> None:
+        """Called first by a subclass's ``__post_init__``."""
+        if not isinstance(self.base, Method):
+            raise TypeError(f"+{self.suffix} wraps a Method, got {type(self.base).__name__}")
+        if getattr(self.base, "needs_masks", False) and not self.needs_masks:  # e.g. naclip+masks+fsa
+            self.needs_masks = True  # instance attributes: the class attributes stay what the registry reads
+            self.region_pad_value = self.base.region_pad_value
+
+    # --- identity of the wrapped method
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.base.name}+{self.suffix}"
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        return f"{self.base.description}; + {self.adds}"
+
+    @property
+    def reduced_last_block(self) -> bool:  # type: ignore[override]
+        return self.base.reduced_last_block
+
+    @property
+    def default_precision(self):  # type: ignore[override]
+        return self.base.default_precision
+
+    @property
+    def crop_multiple(self) -> int:  # type: ignore[override]
+        return int(getattr(self.base, "crop_multiple", 0))
+
+    @property
+    def needs_image_cls(self) -> bool:
+        return self.base.needs_image_cls
+
+    @property
+    def needs_text_in_forward(self) -> bool:
+        return self.base.needs_text_in_forward
+
+    def __getattr__(self, item: str):
+        if item.startswith("_") or item == "base":  # private state and the base itself are never forwarded
+            raise AttributeError(item)
+        return getattr(self.__dict__["base"] if "base" in self.__dict__ else None, item)
+
+    # --- hooks: the base's
+    def prepare(self, clip) -> None:
+        self.base.prepare(clip)
+
+    def begin(self, ctx: ForwardContext) -> None:
+        self.base.begin(ctx)
+
+    def layer_input(self, ctx: ForwardContext, layer: int, x: Tensor) -> Tensor:
+        return self.base.layer_input(ctx, layer, x)
+
+    def attention(self, ctx: ForwardContext, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        return self.base.attention(ctx, layer, q, k, v)
+
+    def final_tokens(self, ctx: ForwardContext, x: Tensor, q: Tensor, k: Tensor, v: Tensor):
+        return self.base.final_tokens(ctx, x, q, k, v)
+
+    def final_attention(self, ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor):
+        return self.base.final_attention(ctx, q, k, v)
+
+    def logits(self, features: Tensor, cls: Tensor | None, text_features: Tensor) -> Tensor:
+        return self.base.logits(features, cls, text_features)
+
+
+def computes_last_layer(method) -> bool:
+    """Whether a method (an instance or a class) computes its last layer itself (``final_tokens``) instead of giving
+    one attention map (``final_attention``); a plug-in instance answers for the method it wraps."""
+    while isinstance(method, Plugin):
+        method = method.base
+    cls = method if isinstance(method, type) else type(method)
+    return not issubclass(cls, Plugin) and getattr(cls, "final_tokens", Method.final_tokens) is not Method.final_tokens
 
 
 def qk_attention(ctx: ForwardContext, q: Tensor, k: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from ..constants import (CORRCLIP_MERGE_EPS, CORRCLIP_NUM_SPATIAL, CORRCLIP_PAD_
                          CORRCLIP_SEMANTIC_WEIGHT, CORRCLIP_SPATIAL_WEIGHT, CORRCLIP_TAU)
 from ..dense import FinalTokens, ForwardContext, softmax_attention
 from ..errors import RfclipError
-from .base import Method, register_method
+from .base import Method, UsesVFM, register_method
 from .proxyclip import upsample_values
 from .regions import UNSEGMENTED_RULES, dense_ids, merge_regions, region_mode, resize_nearest, scope_attention
 
@@ -70,7 +70,7 @@ def attend_only(encoder, block, tokens: Tensor, k: Tensor, v: Tensor, bias: Tens
 
 @register_method
 @dataclasses.dataclass
-class CorrCLIP(Method):
+class CorrCLIP(UsesVFM, Method):
     """CorrCLIP v1. ``vfm`` / ``vfm_checkpoint``: the VFM whose last-block q+k give the correlations (DINO ViT-B/8
     by default, any timm ViT rfclip loads); ``main_weight`` / ``spatial_weight`` / ``semantic_weight``: the three
     branches' weights (1, 1, 0.5); ``tau``: the attention's scale; ``merge`` / ``merge_eps``: region merging;
@@ -106,32 +106,12 @@ class CorrCLIP(Method):
             raise ValueError(f"num_spatial must be at least 1, got {self.num_spatial}")
         self._vfm = None
 
-    # ------------------------------------------------------------------ the VFM (as ProxyCLIP loads it)
-    def load_vfm(self, device=None):
-        if self._vfm is None:
-            from ..models.vfm import load_vfm
-
-            self._vfm = load_vfm(self.vfm, self.vfm_checkpoint, device=device)
-        elif device is not None and self._vfm._scale.device != torch.device(device):
-            self._vfm = self._vfm.to(device)
-        return self._vfm
-
     def prepare(self, clip) -> None:
-        try:
-            device = next(clip.model.parameters()).device
-        except (AttributeError, StopIteration):
-            device = None
-        self.load_vfm(device)
+        super().prepare(clip)  # the VFM (UsesVFM)
         depth = len(clip.model.visual.transformer.resblocks)
         if self.layers_in_spatial(depth) > depth - 1:
             raise RfclipError(f"num_spatial {self.num_spatial} exceeds the {depth - 1} layers before the last; "
                               f"give at most {depth - 1}")
-
-    def options(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if not isinstance(out["vfm"], str):
-            out["vfm"] = getattr(self._vfm, "name", type(self.vfm).__name__)
-        return out
 
     def layers_in_spatial(self, depth: int) -> int:
         return int(self.num_spatial) if self.num_spatial is not None else num_spatial(depth)

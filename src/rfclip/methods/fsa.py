@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..constants import FSA_LAMBDA, FSA_PATCH_LOGIT_SCALE, FSA_PRUNE_MASS, FSA_UNIFORM_LOGIT_SCALE
 from ..dense import FinalAttention, ForwardContext, softmax_attention
 from ..errors import RfclipError
-from .base import Method, register_plugin
+from .base import Method, Plugin, computes_last_layer, register_plugin
 
 _ROW_BLOCK_ELEMENTS = 1 << 24  # B x rows x N elements per N x N block (128 MB in fp64)
 
@@ -202,18 +202,19 @@ def default_lambda(base: Method, clip=None, width: int | None = None) -> float:
 # ---------------------------------------------------------------------------------------------- the plug-in
 @register_plugin("fsa")
 @dataclasses.dataclass
-class FSA(Method):
+class FSA(Plugin):
     """FSA on top of ``base``. ``fsa=False`` switches it off (exactly the base); ``fsa_lambda`` is the sharpening λ
     (None: 3.0, 2.3 for ViT-H/14, 4.5 with ProxyCLIP's MAE VFM; SAM, DINO and DINOv2 take 3.0 / 2.3)."""
 
-    base: Method
     fsa: bool = True
     fsa_lambda: float | None = None
 
+    suffix = "fsa"
+    adds = "FSA feedback self-adaptive attention in the last block"
+
     def __post_init__(self) -> None:
-        if not isinstance(self.base, Method):
-            raise TypeError(f"FSA wraps a Method, got {type(self.base).__name__}")
-        if not self.accepts(type(self.base)):
+        self._check_base()
+        if computes_last_layer(self.base):
             raise RfclipError(f"the fsa plug-in changes the last block's attention, but {self.base.name} computes its "
                               "last layer itself (no single attention map); use fsa with another method")
         if self.fsa_lambda is not None:
@@ -226,26 +227,7 @@ class FSA(Method):
     @staticmethod
     def accepts(base_cls: type) -> bool:
         """FSA replaces the last block's attention map: a base that computes its last layer itself has none."""
-        return getattr(base_cls, "final_tokens", Method.final_tokens) is Method.final_tokens
-
-    # --- identity of the wrapped method
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"{self.base.name}+fsa"
-
-    @property
-    def description(self) -> str:  # type: ignore[override]
-        return f"{self.base.description}; + FSA feedback self-adaptive attention in the last block"
-
-    @property
-    def reduced_last_block(self) -> bool:  # type: ignore[override]
-        return self.base.reduced_last_block
-
-    def __getattr__(self, item: str):
-        # Options and helpers of the base (e.g. ProxyCLIP's vfm_kind) are visible through the plug-in.
-        if item.startswith("__") or item in ("base", "_lambda"):
-            raise AttributeError(item)
-        return getattr(self.__dict__["base"] if "base" in self.__dict__ else None, item)
+        return not computes_last_layer(base_cls)
 
     def options(self) -> dict:
         return {**self.base.options(), "fsa": self.fsa, "fsa_lambda": self.lam}
@@ -265,15 +247,6 @@ class FSA(Method):
     def prepare(self, clip) -> None:
         self.base.prepare(clip)
         self._lambda = default_lambda(self.base, clip)
-
-    def begin(self, ctx: ForwardContext) -> None:
-        self.base.begin(ctx)
-
-    def layer_input(self, ctx: ForwardContext, layer: int, x: Tensor) -> Tensor:
-        return self.base.layer_input(ctx, layer, x)
-
-    def attention(self, ctx: ForwardContext, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-        return self.base.attention(ctx, layer, q, k, v)
 
     def final_attention(self, ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor) -> FinalAttention:
         first = self.base.final_attention(ctx, q, k, v)

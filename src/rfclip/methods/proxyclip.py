@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..constants import PROXY_BETA, PROXY_GAMMA
 from ..dense import FinalAttention, ForwardContext, no_autocast
-from .base import Method, register_method
+from .base import Method, UsesVFM, register_method
 
 
 def proxy_attention(features: Tensor, beta: float = PROXY_BETA, gamma: float = PROXY_GAMMA) -> Tensor:
@@ -59,7 +59,7 @@ def upsample_values(values: Tensor, grid: tuple[int, int], size: tuple[int, int]
 
 @register_method
 @dataclasses.dataclass
-class ProxyCLIP(Method):
+class ProxyCLIP(UsesVFM, Method):
     """ProxyCLIP. ``vfm``: a timm model name, an alias (dino, dino_b16, dinov2, dinov2_noreg, mae, sam, sam_l,
     sam_h) or a loaded module (see :mod:`rfclip.models.vfm`); ``vfm_checkpoint``: local weights for it (also the
     official DINO / DINOv2 / MAE / SAM files); ``beta``/``gamma``: the proxy attention's shift and scale."""
@@ -85,29 +85,6 @@ class ProxyCLIP(Method):
         if self._vfm is not None:
             return self._vfm.kind
         return vfm_kind(self.vfm) if isinstance(self.vfm, str) else "other"
-
-    def load_vfm(self, device=None):
-        """The VFM, loaded on first use (``prepare`` loads it eagerly so that a missing file fails early)."""
-        if self._vfm is None:
-            from ..models.vfm import load_vfm
-
-            self._vfm = load_vfm(self.vfm, self.vfm_checkpoint, device=device)
-        elif device is not None and self._vfm._scale.device != torch.device(device):
-            self._vfm = self._vfm.to(device)
-        return self._vfm
-
-    def prepare(self, clip) -> None:
-        try:
-            device = next(clip.model.parameters()).device
-        except (AttributeError, StopIteration):
-            device = None
-        self.load_vfm(device)
-
-    def options(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # no deep copy of a module
-        if not isinstance(out["vfm"], str):
-            out["vfm"] = getattr(self._vfm, "name", type(self.vfm).__name__)
-        return out
 
     def final_attention(self, ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor) -> FinalAttention:
         vfm = self.load_vfm(ctx.images.device)

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..constants import CORRCLIP_PAD_REGION
 from ..dense import FinalAttention, ForwardContext, softmax_attention
 from ..errors import RfclipError
-from .base import Method, register_plugin
+from .base import Plugin, computes_last_layer, register_plugin
 from .regions import UNSEGMENTED_RULES, region_mode, resize_nearest, unsegmented_ids
 
 
@@ -43,22 +43,24 @@ def restrict_to_regions(weights: Tensor, region_maps: Tensor, has_cls: bool, rul
 
 @register_plugin("masks")
 @dataclasses.dataclass
-class RegionMasks(Method):
+class RegionMasks(Plugin):
     """``+masks`` on ``base`` (needs region masks: ``--masks`` / ``masks=``). ``map_correction``: the per-region mode
     of the labels; ``scope``: restrict the last block's attention to regions (bases with one attention map);
     ``unsegmented``: ``smallest`` (CorrCLIP's rule) or ``zero``."""
 
-    base: Method
     map_correction: bool = True
     scope: bool = True
     unsegmented: str = "smallest"
 
+    suffix = "masks"
+    adds = "region masks (scope restriction, map correction)"
     needs_masks = True
     region_pad_value = CORRCLIP_PAD_REGION
 
     def __post_init__(self) -> None:
-        if not isinstance(self.base, Method):
-            raise TypeError(f"+masks wraps a Method, got {type(self.base).__name__}")
+        if getattr(self.base, "needs_masks", False):  # before _check_base: corrclip, or a base already with +masks
+            raise RfclipError(f"{self.base.name} already uses region masks; use it without +masks")
+        self._check_base()
         if not self.accepts(type(self.base)):
             raise RfclipError(f"{self.base.name} already uses region masks; use it without +masks")
         if self.unsegmented not in UNSEGMENTED_RULES:
@@ -72,42 +74,7 @@ class RegionMasks(Method):
     @property
     def restricts_scope(self) -> bool:
         """Whether the scope restriction applies: on, and the base's last block is one attention map."""
-        base_final = getattr(type(self.base), "final_tokens", Method.final_tokens)
-        return bool(self.scope) and base_final is Method.final_tokens
-
-    # --- identity of the wrapped method
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"{self.base.name}+masks"
-
-    @property
-    def description(self) -> str:  # type: ignore[override]
-        return f"{self.base.description}; + region masks (scope restriction, map correction)"
-
-    @property
-    def reduced_last_block(self) -> bool:  # type: ignore[override]
-        return self.base.reduced_last_block
-
-    @property
-    def crop_multiple(self) -> int:  # type: ignore[override]
-        return int(getattr(self.base, "crop_multiple", 0))
-
-    @property
-    def default_precision(self):  # type: ignore[override]
-        return self.base.default_precision
-
-    @property
-    def needs_image_cls(self) -> bool:
-        return self.base.needs_image_cls
-
-    @property
-    def needs_text_in_forward(self) -> bool:
-        return self.base.needs_text_in_forward
-
-    def __getattr__(self, item: str):
-        if item.startswith("__") or item == "base":
-            raise AttributeError(item)
-        return getattr(self.__dict__["base"] if "base" in self.__dict__ else None, item)
+        return bool(self.scope) and not computes_last_layer(self.base)
 
     def options(self) -> dict:
         return {**self.base.options(), "map_correction": self.map_correction, "scope": self.scope,
@@ -117,25 +84,7 @@ class RegionMasks(Method):
     def correct_map(self, labels: Tensor, region_map: Tensor) -> Tensor:
         return region_mode(labels, region_map, self.unsegmented) if self.map_correction else labels
 
-    def logits(self, features: Tensor, cls: Tensor | None, text_features: Tensor) -> Tensor:
-        return self.base.logits(features, cls, text_features)
-
-    # --- hooks: the base's, with the last attention restricted
-    def prepare(self, clip) -> None:
-        self.base.prepare(clip)
-
-    def begin(self, ctx: ForwardContext) -> None:
-        self.base.begin(ctx)
-
-    def layer_input(self, ctx: ForwardContext, layer: int, x: Tensor) -> Tensor:
-        return self.base.layer_input(ctx, layer, x)
-
-    def attention(self, ctx: ForwardContext, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-        return self.base.attention(ctx, layer, q, k, v)
-
-    def final_tokens(self, ctx: ForwardContext, x: Tensor, q: Tensor, k: Tensor, v: Tensor):
-        return self.base.final_tokens(ctx, x, q, k, v)
-
+    # --- hooks: the base's (Plugin), with the last attention restricted
     def final_attention(self, ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor) -> FinalAttention:
         first = self.base.final_attention(ctx, q, k, v)
         if not self.restricts_scope or ctx.regions is None:
