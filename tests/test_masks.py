@@ -4,6 +4,7 @@ packages' constructors with tiny random-weight configurations (saved in their re
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -359,7 +360,7 @@ def test_rfclip_masks_writes_corrclip_npz_and_resumes(images, tmp_path, monkeypa
     assert main(["masks", str(images), "--masks", "sam2:x.pt", "--out", str(out)]) == 0
     assert sorted(fake.calls) == ["img0.png", "img1.png", "img2.png"]
     assert "wrote 3 region maps" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["img0.npz", "img1.npz", "img2.npz"]  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == ["img0.npz", "img1.npz", "img2.npz", "run.json"]  # nothing else
     with np.load(out / "img1.npz", allow_pickle=False) as data:
         assert data.files == ["instance_mask"] and data["instance_mask"].dtype == np.int32
         np.testing.assert_array_equal(data["instance_mask"], fake(_image(1), "img1.png"))
@@ -397,7 +398,11 @@ def test_rfclip_masks_lists_failures_and_writes_no_partial_file(images, tmp_path
     assert any("img1.png" in line and "is 40x55" in line for line in lines)
     assert any("img2.png" in line and "no region map" in line for line in lines)
     assert "2 of 3 images got no region map" in lines[-1]
-    assert sorted(p.name for p in out.iterdir()) == ["img0.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["img0.npz", "run.json"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"] == {"inputs": 3, "written": 1, "skipped_done_before": 0, "failed": 2}
+    assert [f["image"] for f in run["failed"]] == [str(images / "img1.png"), str(images / "img2.png")]
+    assert "no region map" in run["failed"][1]["reason"]
 
 
 def test_rfclip_masks_on_a_dataset(tmp_path, monkeypatch):
@@ -415,8 +420,92 @@ def test_rfclip_masks_on_a_dataset(tmp_path, monkeypatch):
     out = tmp_path / "maps"
     assert main(["masks", "--dataset", "voc21", "--root", str(voc), "--masks", "npz:x", "--out", str(out),
                  "--limit", "1", "-q"]) == 0
-    assert [p.name for p in out.iterdir()] == ["2007_000001.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["2007_000001.npz", "run.json"]
     assert main(["masks", str(tmp_path), "--dataset", "voc21", "--masks", "npz:x", "--out", str(out)]) == 2
+
+
+def _maps(folder: Path) -> dict[str, np.ndarray]:
+    found = {}
+    for file in sorted(folder.glob("*.npz")):
+        with np.load(file, allow_pickle=False) as data:
+            found[file.name] = data["instance_mask"]
+    return found
+
+
+def test_rfclip_masks_on_torchrun_equals_one_process(tmp_path, capsys):
+    """2 processes (gloo, CPU) with saved maps as the source (npz:DIR copies them: fast, and it runs in the
+    subprocesses): the same maps as one process, rank 0's run.json with both ranks, a rerun skips everything."""
+    import subprocess
+
+    photos, saved = tmp_path / "photos", tmp_path / "saved"
+    photos.mkdir()
+    saved.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(_image(i, 24, 32)).save(photos / f"img{i}.png")
+        np.savez_compressed(saved / f"img{i}.npz", instance_mask=rng.integers(0, 9, (24, 32)).astype(np.int32))
+    (photos / ".img9.png.77.rfclip-tmp").write_bytes(b"a hidden temporary file is no input")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / ".img3.npz.999.rfclip-tmp").write_bytes(b"left by a killed run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rfclip",
+           "masks", str(photos), "--masks", f"npz:{saved}", "--out", str(two), "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("wrote 5 region maps") == 1  # rank 0 reports the job
+    one = tmp_path / "one"
+    assert main(["masks", str(photos), "--masks", f"npz:{saved}", "--out", str(one), "-q"]) == 0
+    m1, m2 = _maps(one), _maps(two)
+    assert list(m1) == [f"img{i}.npz" for i in range(5)] and m1.keys() == m2.keys()
+    for name in m1:
+        np.testing.assert_array_equal(m1[name], m2[name])
+        np.testing.assert_array_equal(m1[name], _maps(saved)[name])
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no temporary, no lock
+    run2, run1 = json.loads((two / "run.json").read_text()), json.loads((one / "run.json").read_text())
+    counts = {"inputs": 5, "written": 5, "skipped_done_before": 0, "failed": 0}
+    assert run2["counts"] == run1["counts"] == counts and run2["failed"] == []
+    assert run2["world_size"] == 2 and [r["rank"] for r in run2["per_rank"]] == [0, 1]
+    assert [r["written"] for r in run2["per_rank"]] == [3, 2]  # image i on rank i % 2
+    assert all(r["images_per_s"] and r["seconds"] > 0 for r in run2["per_rank"])
+    assert run2["settings"]["masks"] == f"npz:{saved}" and run2["wall_seconds"] > 0
+
+    before = {p.name: p.stat().st_mtime_ns for p in two.glob("*.npz")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all 5 region maps are already in" in proc.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in two.glob("*.npz")} == before
+    run = json.loads((two / "run.json").read_text())
+    assert run["counts"] == {"inputs": 5, "written": 0, "skipped_done_before": 5, "failed": 0}
+    assert [r["done_before"] for r in run["per_rank"]] == [3, 2]
+
+
+def test_rfclip_masks_sigterm_leaves_no_partial_file_and_the_rerun_finishes(images, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import rfclip.masks
+
+    fake = _StripeMasks()
+    monkeypatch.setattr(rfclip.masks, "mask_source", lambda spec, device=None: fake)
+    real_savez, saved = np.savez_compressed, []
+
+    def savez_then_terminate(file, **arrays):  # the second map is half written when SIGTERM comes
+        real_savez(file, **arrays)
+        saved.append(1)
+        if len(saved) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as timeout, docker, Slurm or torchrun stop a job
+
+    monkeypatch.setattr(np, "savez_compressed", savez_then_terminate)
+    out = tmp_path / "maps"
+    assert main(["masks", str(images), "--masks", "sam2:x.pt", "--out", str(out)]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "rfclip: interrupted"
+    assert sorted(p.name for p in out.iterdir()) == ["img0.npz"]  # no partial map, no lock, no run.json
+    fake.calls.clear()
+    assert main(["masks", str(images), "--masks", "sam2:x.pt", "--out", str(out)]) == 0
+    assert fake.calls == ["img1.png", "img2.png"]
+    assert json.loads((out / "run.json").read_text())["counts"]["skipped_done_before"] == 1
 
 
 def test_masks_option_on_segment_eval_demo():

@@ -4,7 +4,10 @@ CorrCLIP's ``.npz`` files, for ``--masks npz:DIR`` in every later run."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import time
 from pathlib import Path
 
 from ..errors import ImageError, RfclipError
@@ -14,8 +17,10 @@ DESCRIPTION = """\
 Make a region map for each image with a mask generator and save it as
 DIR/<image stem>.npz (array instance_mask, int32, 0 = not segmented, k > 0 =
 region k: CorrCLIP's format). Maps already in DIR are kept (an interrupted run
-resumes); every file appears whole or not at all. Then use --masks npz:DIR with
-segment, eval and demo. The generators need the masks extra."""
+resumes); every file appears whole or not at all; DIR/run.json sums the run up.
+Under torchrun each process makes the maps of its share of the sorted images.
+Then use --masks npz:DIR with segment, eval and demo. The generators need the
+masks extra."""
 
 EXAMPLES = """\
 examples:
@@ -23,6 +28,7 @@ examples:
   rfclip masks --dataset voc21 --root data/VOCdevkit/VOC2012 --masks sam2:sam2_hiera_large.pt --out masks/voc21
   rfclip masks img.jpg --masks "sam2:sam2_hiera_large.pt?points_per_side=32" --out masks/   (CorrCLIP's SAM2_32)
   rfclip masks img.jpg --masks sam:sam_vit_h_4b8939.pth --out masks/
+  torchrun --nproc_per_node 8 -m rfclip masks photos/ --masks sam2:sam2.1_hiera_large.pt --out masks/photos
   rfclip masks img.jpg --masks hf:mask2former-swin-large-coco-panoptic/ --out masks/
   rfclip segment img.jpg --classes "cat;dog" --method corrclip --masks npz:masks/ --out out/
 """
@@ -85,59 +91,143 @@ def _read(path: Path, from_dataset: bool):
 
 # ---------------------------------------------------------------------------------------------- run
 def run(args) -> int:
+    from ..jobs import interrupt_on_sigterm
+
+    with interrupt_on_sigterm():  # SIGTERM as Ctrl-C: the map being written is dropped, the finished ones stay
+        return _run(args)
+
+
+def _run(args) -> int:
+    """One process, or one rank of ``torchrun``: image ``i`` of the sorted list goes to rank ``i % world_size``;
+    rank 0 shows the progress and writes ``OUT/run.json``."""
+    from ..evaluate import distributed_session
+    from ..jobs import plan_parts, rank_parts
+    from ..jobs.progress import Counts, gather
+    from ..jobs.resume import job_folder_lock
+
+    started = time.time()
     paths, from_dataset = _inputs(args)
     out = common.check_output_dir(args.out)
-    todo = paths if args.overwrite else [p for p in paths if not (out / f"{p.stem}.npz").is_file()]
-    done_before = len(paths) - len(todo)
-    with common.output_folder(out):
-        if not todo:
-            if not args.quiet:
-                print(f"all {len(paths)} region maps are already in {out}/ (--overwrite remakes them)")
-            return 0
-        source = common.masks_from_args(args)
-        written, failed = make_maps(source, todo, out, from_dataset, args.quiet)
-    if not args.quiet:
-        print(f"wrote {written} region map{'s' if written != 1 else ''} to {out}/"
-              + (f"; {done_before} already there, kept" if done_before else "")
-              + (f"; {len(failed)} failed" if failed else ""))
-    if failed:
-        raise RfclipError(f"{len(failed)} of {len(todo)} images got no region map (listed above); fix them and run "
-                          "the same command again (the maps made are kept)")
-    return 0
+    with distributed_session(args.device) as dist, contextlib.ExitStack() as stack:
+        main = dist.is_main
+        if main:
+            stack.enter_context(common.output_folder(out))
+        stack.enter_context(job_folder_lock(out, main))
+        mine = [paths[i] for part in rank_parts(plan_parts(paths, 1), dist.rank, dist.world_size) for i in part]
+        todo = mine if args.overwrite else [p for p in mine if not (out / f"{p.stem}.npz").is_file()]
+        counts = Counts(rank=dist.rank, done_before=len(mine) - len(todo))
+        total = sum(gather(len(todo)))
+        if total:
+            run_args = argparse.Namespace(**vars(args))
+            if dist.device is not None:
+                run_args.device = str(dist.device)
+            source = common.masks_from_args(run_args)
+            counts.device = str(run_args.device or "")
+            make_maps(source, todo, out, from_dataset, counts, total, dist.world_size, quiet=args.quiet)
+        result = finish(args, out, paths, counts, dist.world_size, started)
+    return report(args, out, result, main)
 
 
-def make_maps(source, paths: list[Path], out: Path, from_dataset: bool, quiet: bool) -> tuple[int, list[Path]]:
-    """Write ``out/<stem>.npz`` for each image (atomically). Returns ``(written, failed images)``; each failure is
-    reported on its own line as it happens."""
-    from tqdm import tqdm
+def make_maps(source, paths: list[Path], out: Path, from_dataset: bool, counts, total: int | None = None,
+              world_size: int = 1, quiet: bool = False) -> None:
+    """Write ``out/<stem>.npz`` for each image, counting into ``counts`` (written, failed with their reasons); each
+    failure is reported on its own line as it happens. ``total``: the images of the whole job (the progress)."""
+    from ..jobs.progress import Progress
 
-    written, failed = 0, []
-    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=False)
+    progress = Progress(len(paths) if total is None else total, world_size=world_size,
+                        enabled=counts.rank == 0 and not quiet)
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         for path in paths:
             try:
                 region_map = source(_read(path, from_dataset), str(path))
-                save_region_map(out / f"{path.stem}.npz", region_map)
-                written += 1
             except RfclipError as err:  # this image only (unreadable, no saved map, a bad map); the run goes on
-                failed.append(path)
-                bar.clear()
+                counts.failed.append({"image": str(path), "reason": " ".join(str(err).split())})
+                if progress.tty:
+                    progress.bar.clear()
                 _error(f"{path}: {err}")
-            bar.update(1)
+            else:
+                save_region_map(out / f"{path.stem}.npz", region_map)  # a full disk stops the run
+                counts.written += 1
+                counts.files += 1
+            progress.update(1)
     finally:
-        bar.close()
-    return written, failed
+        progress.close()
+    counts.seconds = round(time.perf_counter() - start, 3)
+    counts.cpu_seconds = round(time.process_time() - cpu_start, 3)
+
+
+def finish(args, out: Path, paths: list[Path], counts, world_size: int, started: float) -> dict:
+    """Every rank's counts gathered; rank 0 writes ``OUT/run.json`` when a map was made or found."""
+    from .. import __version__
+    from ..jobs.progress import RUN_FILE, barrier, gather, write_run_file
+
+    per_rank = gather(counts)
+    barrier()  # every rank's maps are in place
+    failed = [f for c in per_rank for f in c.failed]
+    result = {
+        "rfclip_version": __version__,
+        "command": sys.argv,
+        "out": str(out),
+        "settings": {"masks": args.masks, "dataset": args.dataset, "root": args.root, "split": args.split,
+                     "limit": args.limit, "overwrite": args.overwrite},
+        "counts": {"inputs": len(paths), "written": sum(c.written for c in per_rank),
+                   "skipped_done_before": sum(c.done_before for c in per_rank), "failed": len(failed)},
+        "failed": failed,
+        "world_size": world_size,
+        "per_rank": [c.as_dict() for c in per_rank],
+        "wall_seconds": round(time.time() - started, 3),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if counts.rank == 0 and (result["counts"]["written"] or result["counts"]["skipped_done_before"]):
+        try:
+            write_run_file(out, result)
+        except OSError as err:
+            raise RfclipError(f"cannot write {out / RUN_FILE}: {err.strerror or err}; check the free space and "
+                              "permissions of --out (the maps are done)") from None
+    return result
+
+
+def report(args, out: Path, result: dict, main: bool) -> int:
+    """The closing lines (rank 0); images without a map make the exit status 2."""
+    if not main:
+        return 0
+    n = result["counts"]
+    if not args.quiet:
+        if n["written"] == 0 and n["failed"] == 0:
+            print(f"all {n['inputs']} region maps are already in {out}/ (--overwrite remakes them)")
+        else:
+            print(f"wrote {n['written']} region map{'s' if n['written'] != 1 else ''} to {out}/"
+                  + (f"; {n['skipped_done_before']} already there, kept" if n["skipped_done_before"] else "")
+                  + (f"; {n['failed']} failed" if n["failed"] else ""))
+    if n["failed"]:
+        todo = n["inputs"] - n["skipped_done_before"]
+        raise RfclipError(f"{n['failed']} of {todo} images got no region map (listed above); fix them and run "
+                          "the same command again (the maps made are kept)")
+    return 0
 
 
 def save_region_map(file: Path, region_map) -> None:
-    """CorrCLIP's format (``np.savez_compressed(file, instance_mask=...)``), int32, written whole or not at all."""
+    """CorrCLIP's format (``np.savez_compressed(file, instance_mask=...)``), int32, written whole or not at all:
+    under a hidden temporary name first (:func:`rfclip.outputs.staged_path`, which a killed run's successor
+    removes and no folder listing takes as an image), then renamed into place."""
     import numpy as np
 
     from .._io import atomic_open
     from ..masks import NPZ_KEY
+    from ..outputs import staged_path
 
-    with atomic_open(file, "wb") as f:
-        np.savez_compressed(f, **{NPZ_KEY: np.asarray(region_map, dtype=np.int32)})
+    staged = staged_path(file)
+    try:
+        with atomic_open(staged, "wb") as f:
+            np.savez_compressed(f, **{NPZ_KEY: np.asarray(region_map, dtype=np.int32)})
+        os.replace(staged, file)
+    except OSError as err:
+        raise RfclipError(f"cannot write {file}: {err.strerror or err}; check the free space and permissions of "
+                          "--out") from None
+    finally:
+        with contextlib.suppress(OSError):
+            staged.unlink()
 
 
 def image_files(items: list[str]) -> list[Path]:

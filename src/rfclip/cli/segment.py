@@ -180,7 +180,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from ..evaluate import distributed_session
     from ..jobs.progress import gather
-    from ..jobs.resume import output_lock, remove_stale_temporary_files
+    from ..jobs.resume import job_folder_lock
     from ..jobs.segment import cost_note, finish, first_image_size, plan, segment_parts
     from ..outputs import parse_formats
 
@@ -197,16 +197,8 @@ def _run(args) -> int:
         main = dist.is_main
         if main:
             stack.enter_context(common.output_folder(out))
-        lock_error = None
-        try:
-            stack.enter_context(output_lock(out, hold=main))
-        except RfclipError as err:
-            lock_error = str(err)
-        lock_error = next((e for e in gather(lock_error) if e), None)
-        if lock_error:
-            raise RfclipError(lock_error)
+        stack.enter_context(job_folder_lock(out, main))
         if main:
-            remove_stale_temporary_files(out)  # of a run that was killed outright; we hold the lock
             for _, reason in inputs.problems:
                 report_skipped(reason)
         the_plan = plan(job, inputs, dist.rank, dist.world_size)

@@ -8,10 +8,15 @@ runs about equally fast), as ``rfclip eval`` does.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import socket
 import sys
 import time
+from pathlib import Path
 
 LOG_EVERY_SECONDS = 30.0
+RUN_FILE = "run.json"  # a job's summary in its output folder, written by rank 0
 
 
 def format_seconds(seconds: float) -> str:
@@ -86,3 +91,35 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------- counts
+@dataclasses.dataclass
+class Counts:
+    rank: int = 0
+    host: str = dataclasses.field(default_factory=socket.gethostname)
+    device: str = ""
+    written: int = 0
+    files: int = 0
+    done_before: int = 0
+    failed: list = dataclasses.field(default_factory=list)  # [{"image", "reason"}]
+    seconds: float = 0.0  # wall time of the loop (first batch read to last file written)
+    cpu_seconds: float = 0.0  # CPU time of this process over the loop (all its threads; not loader workers)
+    held: list = dataclasses.field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["images_per_s"] = round(self.written / self.seconds, 3) if self.seconds > 0 else None
+        d["failed"] = len(self.failed)
+        d.pop("held")
+        return d
+
+
+def write_run_file(out: Path, summary: dict) -> Path:
+    """``OUT/run.json`` (rank 0, at the end of a job), whole or not at all; an OSError is the caller's to word."""
+    from .._io import atomic_open
+
+    with atomic_open(out / RUN_FILE, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, default=str)
+        f.write("\n")
+    return out / RUN_FILE

@@ -73,6 +73,26 @@ def output_lock(out: Path, hold: bool = True) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def job_folder_lock(out: Path, is_main: bool) -> Iterator[None]:
+    """:func:`output_lock` for a job of one or more torchrun ranks: rank 0 takes the lock, every rank raises its
+    refusal, and once held rank 0 removes what a killed run left (:func:`remove_stale_temporary_files`)."""
+    from .progress import gather
+
+    with contextlib.ExitStack() as stack:
+        lock_error = None
+        try:
+            stack.enter_context(output_lock(out, hold=is_main))
+        except RfclipError as err:
+            lock_error = str(err)
+        lock_error = next((e for e in gather(lock_error) if e), None)
+        if lock_error:
+            raise RfclipError(lock_error)
+        if is_main:
+            remove_stale_temporary_files(out)  # of a run that was killed outright; we hold the lock
+        yield
+
+
 def remove_stale_temporary_files(out: Path) -> int:
     """Remove the temporary files a killed run (SIGKILL, a crashed node) left in ``out``: hidden names containing
     ``.rfclip-tmp`` (staged outputs, and :func:`rfclip._io.atomic_open`'s files for them). Safe only under the

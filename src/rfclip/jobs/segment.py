@@ -23,12 +23,11 @@ from ..outputs import (TEMP_SUFFIX, output_paths, png_settings_id, segmentation_
                        summary, write_outputs)
 from . import ItemDataset, collate, plan_parts, rank_parts
 from .inputs import Inputs, Item
-from .progress import Progress, barrier, gather
+from .progress import RUN_FILE, Counts, Progress, barrier, gather, write_run_file
 from .resume import (PARTS_DIR, coco_part_files, json_record_id, read_jsonl_ids, settings_difference, settings_id,
                      tar_settings_id)
 
 COCO_FILE = "coco.jsonl"
-RUN_FILE = "run.json"
 DEFAULT_SHARD_SIZE = 1000  # images per result shard when the inputs are not tar shards
 # DataLoader decoding processes by device when not given: on CPU the model already uses every core (see evaluate).
 DEFAULT_LOADER_WORKERS = {"cuda": 4, "cpu": 0}
@@ -227,27 +226,6 @@ def first_image_size(item: Item) -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------------------------------------- run
-@dataclasses.dataclass
-class Counts:
-    rank: int = 0
-    host: str = dataclasses.field(default_factory=socket.gethostname)
-    device: str = ""
-    written: int = 0
-    files: int = 0
-    done_before: int = 0
-    failed: list = dataclasses.field(default_factory=list)  # [{"image", "reason"}]
-    seconds: float = 0.0  # wall time of the loop (first batch read to last file written)
-    cpu_seconds: float = 0.0  # CPU time of this process over the loop (all its threads; not loader workers)
-    held: list = dataclasses.field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["images_per_s"] = round(self.written / self.seconds, 3) if self.seconds > 0 else None
-        d["failed"] = len(self.failed)
-        d.pop("held")
-        return d
-
-
 def error_line(message: str) -> None:
     """``rfclip: error: <message>`` on one line of stderr, as the command line prints its errors."""
     print("rfclip: error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
@@ -528,14 +506,10 @@ def finish(job: JobOptions, inputs: Inputs, counts: Counts, world_size: int, sta
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if counts.rank == 0 and (summary_["counts"]["segmented"] or summary_["counts"]["skipped_done_before"]):
-        from .._io import atomic_open
-
         try:
             if "coco" in job.formats:
                 merge_coco(job.out, inputs)
-            with atomic_open(job.out / RUN_FILE, "w", encoding="utf-8") as f:
-                json.dump(summary_, f, indent=2, default=str)
-                f.write("\n")
+            write_run_file(job.out, summary_)
         except OSError as err:
             raise RfclipError(f"cannot write {job.out / RUN_FILE} (or {COCO_FILE}): {err.strerror or err}; check the "
                               "free space and permissions of --out, then rerun the command (the images are done)") from None
