@@ -63,11 +63,16 @@ SOURCE_TABLES = {
     "rfclip_release": [(336, 0, 112, 40, 0.1, None), (336, 224, 112, 40, 0.0, None), (336, 224, 112, 40, 0.1, None),
                        (336, 224, 112, 40, 0.0, None), (336, 0, 112, 40, 0.0, None), (336, 224, 112, 40, 0.1, None),
                        (336, 224, 112, 40, 0.0, None), (560, 224, 112, 40, 0.0, None)],
+    # CorrCLIP v1 (CorrCLIPv1/configs): slide 336/112 (cfg_city_scapes 224/112), Resize (2048, 336), (2048, 448) on
+    # ADE20K and Cityscapes, logit 40, prob_thd 0.2 / 0.15 / 0.25 on VOC21 / Context60 / COCO-Object
+    "corrclip": [(336, 336, 112, 40, 0.2, None), (336, 336, 112, 40, 0.0, None), (336, 336, 112, 40, 0.15, None),
+                 (336, 336, 112, 40, 0.0, None), (336, 336, 112, 40, 0.0, None), (336, 336, 112, 40, 0.25, None),
+                 (448, 336, 112, 40, 0.0, None), (448, 224, 112, 40, 0.0, None)],
 }
 # class-name set, crop padding (ClearCLIP: compute_padsize(H, W, patch_size); ProxyCLIP / FSA: compute_padsize(.., 56))
 SOURCE_COMMON = {"default": ("default", 0), "naclip": ("default", 0), "sclip": ("default", 0),
                  "clearclip": ("clearclip", "patch"), "proxyclip": ("fsa", 56), "fsa": ("fsa", 56),
-                 "rfclip_release": ("default", 0)}
+                 "rfclip_release": ("default", 0), "corrclip": ("corrclip", 56)}
 
 
 # ------------------------------------------------------------------------------------------------ presets
