@@ -47,13 +47,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..constants import (RF_EIGENGAP_TOL, RF_FIEDLER_RESIDUAL_TOL, RF_POWER_MAX_SQUARINGS,
+from ..constants import (RF_EIGENGAP_TOL, RF_FIEDLER_RESIDUAL_TOL, RF_LANCZOS_STEPS, RF_POWER_MAX_SQUARINGS,
                          RF_POWER_MIN_SQUARINGS)
 from ..dense import no_autocast
 
 CUT_THRESHOLDS = ("mean", "otsu")
 FG_RULES = ("fewer_distraction", "max_abs", "smaller_side", "less_attended")
-EIG_SOLVERS = ("power", "eigh")
+EIG_SOLVERS = ("lanczos", "power", "eigh")
 CUT_GRAPHS = ("all", "non_distraction")
 
 _EPS = 1e-12
@@ -170,6 +170,80 @@ def _power_solve(M: Tensor, u1: Tensor, min_squarings: int, max_squarings: int, 
     return z_out, mu_out, gap_out, res_out, (res_out <= tol) & (gap_out >= gap_tol)
 
 
+def _cold_start(N: int, device: torch.device) -> Tensor:
+    """The Krylov start without a warm start: a fixed pseudo-random vector (N,), the same for every graph and call
+    (a crop's result must not depend on its batch)."""
+    return torch.randn(N, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _lanczos_solve(M: Tensor, u1: Tensor, start: Tensor, steps: int,
+                   tol: float, gap_tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Krylov (Lanczos with full re-orthogonalisation) + Rayleigh-Ritz from ``start`` (G, N) in ``u1``'s
+    complement, for graphs (G, N, N). Returns ``(z, mu, gap, residual, certified)``; ``certified``: the residual is
+    at most ``tol`` and the eigengap is proved to be at least ``gap_tol`` (``gap``, a lower bound), see
+    :func:`_certify_gap`."""
+    G, N = u1.shape
+    m = max(1, min(int(steps), N - 1))
+    basis = M.new_zeros(G, m + 1, N)  # rows: u1, then the orthonormal Krylov basis in u1's complement
+    basis[:, 0] = u1
+    MV = M.new_zeros(G, m, N)  # M applied to the Krylov basis
+    cold = _cold_start(N, M.device).expand(G, N)
+    v = torch.where(start.norm(dim=-1, keepdim=True) > 0, start, cold)
+    for j in range(m + 1):
+        for _ in range(2):  # classical Gram-Schmidt twice against u1 and the basis so far
+            Q = basis[:, :j + 1]
+            v = v - torch.bmm(torch.bmm(v.unsqueeze(1), Q.transpose(1, 2)), Q).squeeze(1)
+        if j == m:
+            break
+        v = _unit(v)
+        basis[:, j + 1] = v
+        v = _matvec(M, v)
+        MV[:, j] = v
+    V = basis[:, 1:]
+    H = torch.bmm(V, MV.transpose(1, 2))  # (G, m, m) = V M V^T
+    theta, Y = torch.linalg.eigh(symmetrize(H))  # Ritz values ascending
+    z = torch.bmm(Y[..., -1].unsqueeze(1), V).squeeze(1)
+    z = _unit(z - (z * u1).sum(-1, keepdim=True) * u1)
+    Mz = _matvec(M, z)
+    mu = (z * Mz).sum(-1)
+    residual = (Mz - mu.unsqueeze(-1) * z).norm(dim=-1)
+    # mu3 lies at or above the second Ritz value theta[-2] (interlacing); the shift a tenth of the Ritz gap above it
+    # certifies 0.9 of that gap whenever theta[-2] has converged to within that tenth.
+    second = theta[..., -2] if m > 1 else mu - 1.0
+    accurate = (residual <= tol) & ((z.norm(dim=-1) - 1.0).abs() < 1e-3)  # a unit z (the bound needs one)
+    sigma = torch.minimum(second + 0.1 * (theta[..., -1] - second), mu - gap_tol - residual)
+    gap = torch.zeros_like(mu)
+    if bool(accurate.any()):
+        idx = accurate.nonzero().squeeze(-1)
+        gap[idx] = _certify_gap(M[idx], u1[idx], z[idx], mu[idx], residual[idx], sigma[idx])
+    ok = accurate & (gap >= gap_tol)
+    retry = accurate & ~ok & (sigma < mu - 2 * gap_tol - residual)  # theta[-2] not converged: decide only
+    if bool(retry.any()):
+        idx = retry.nonzero().squeeze(-1)
+        sigma2 = mu[idx] - 2 * gap_tol - residual[idx]
+        gap[idx] = _certify_gap(M[idx], u1[idx], z[idx], mu[idx], residual[idx], sigma2)
+        ok = accurate & (gap >= gap_tol)
+    return z, mu, gap, residual, ok
+
+
+def _certify_gap(M: Tensor, u1: Tensor, z: Tensor, mu: Tensor, residual: Tensor, sigma: Tensor) -> Tensor:
+    """A proved lower bound of ``mu2 - mu3`` for graphs (G, N, N), or 0 where the proof fails (G,).
+
+    ``A = sigma I - M + 2 u1 u1^T + 2 z z^T`` is ``sigma I - M`` plus a positive semi-definite matrix of rank 2,
+    so its smallest eigenvalue is at most the third smallest of ``sigma I - M``, ``sigma - mu3`` (Weyl's
+    interlacing for a rank-2 update). A Cholesky factorisation of ``A`` that succeeds (fp64, backward error ~1e-13)
+    proves ``A`` positive definite, hence ``mu3 < sigma``, whatever ``z`` is. The Rayleigh quotient ``mu`` of a
+    unit ``z`` orthogonal to ``u1`` is at most ``mu2`` (Courant-Fischer; ``u1`` is the exact top eigenvector), so
+    ``mu2 - mu3 > mu - sigma``; the residual is taken off for the rounding of ``mu`` in fp32.
+    """
+    E = torch.stack([u1, z], dim=-1).double()  # (G, N, 2)
+    A = M.double().baddbmm_(E, E.transpose(1, 2), beta=-1.0, alpha=2.0)  # 2 E E^T - M
+    A.diagonal(dim1=-2, dim2=-1).add_(sigma.double().unsqueeze(-1))
+    _, info = torch.linalg.cholesky_ex(A)
+    bound = mu - residual - sigma
+    return torch.where(info == 0, bound, torch.zeros_like(bound))
+
+
 def _eigh_solve(M: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``torch.linalg.eigh`` of graphs (G, N, N): ``(z, mu2, mu2 - mu3, residual)``."""
     evals, Z = torch.linalg.eigh(M)  # ascending; the largest is u1 (eigenvalue 1)
@@ -180,14 +254,17 @@ def _eigh_solve(M: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return z, mu, gap, residual
 
 
-def fiedler_vector(W: Tensor, solver: str = "power", *, valid: Tensor | None = None,
+def fiedler_vector(W: Tensor, solver: str = "power", *, valid: Tensor | None = None, start: Tensor | None = None,
                    min_squarings: int = RF_POWER_MIN_SQUARINGS, max_squarings: int = RF_POWER_MAX_SQUARINGS,
-                   tol: float = RF_FIEDLER_RESIDUAL_TOL, gap_tol: float = RF_EIGENGAP_TOL) -> Fiedler:
+                   tol: float = RF_FIEDLER_RESIDUAL_TOL, gap_tol: float = RF_EIGENGAP_TOL,
+                   lanczos_steps: int = RF_LANCZOS_STEPS) -> Fiedler:
     """Fiedler vectors of symmetric non-negative affinities ``W`` (..., N, N), batched.
 
     ``solver``: ``"power"`` (repeated squaring checked from ``min_squarings`` to ``max_squarings``: a graph is
     done once its residual is at most ``tol`` and its certified eigengap at least ``gap_tol``; ``eigh`` for the
-    others, so a degenerate graph is always decided on its exact gap) or ``"eigh"``.
+    others, so a degenerate graph is always decided on its exact gap), ``"lanczos"`` (``lanczos_steps`` Krylov
+    steps from ``start`` (..., N), a guess of ``y`` such as the previous layer's, with the same two conditions;
+    the graphs that miss either go to ``"power"``) or ``"eigh"``.
     ``valid`` (..., N) bool: cut only the graph of these nodes. Graphs with fewer than 2 nodes give ``y = 0``
     and ``gap = 0``. Returns a :class:`Fiedler`.
     """
@@ -207,11 +284,25 @@ def fiedler_vector(W: Tensor, solver: str = "power", *, valid: Tensor | None = N
         if solver == "eigh":
             z, mu, gap, res = _eigh_solve(Mf)
             used = torch.ones(mu.shape, dtype=torch.bool, device=dev)
-        else:
+        elif solver == "power":
             z, mu, gap, res, converged = _power_solve(Mf, uf, min_squarings, max_squarings, tol, gap_tol)
             used = ~converged
-            if bool(used.any()):
-                z[used], mu[used], gap[used], res[used] = _eigh_solve(Mf[used])
+        else:
+            if start is None:
+                z0 = _cold_start(N, dev).expand(Mf.shape[0], N)
+            else:  # a guess of y -> z = D^1/2 y on the graph's nodes
+                z0 = torch.where(dinv > 0, start.float().expand(dinv.shape) / dinv.clamp_min(_EPS),
+                                 torch.zeros_like(dinv)).reshape(-1, N)
+            z, mu, gap, res, converged = _lanczos_solve(Mf, uf, z0, lanczos_steps, tol, gap_tol)
+            used = torch.zeros_like(converged)
+            todo = ~converged
+            if bool(todo.any()):  # the squaring solver for the rest
+                zp, mup, gapp, resp, conv = _power_solve(Mf[todo], uf[todo], min_squarings, max_squarings, tol,
+                                                         gap_tol)
+                z[todo], mu[todo], gap[todo], res[todo] = zp, mup, gapp, resp
+                used[todo] = ~conv
+        if solver != "eigh" and bool(used.any()):
+            z[used], mu[used], gap[used], res[used] = _eigh_solve(Mf[used])
         y = dinv * z.reshape(*batch, N)
         gap = gap.reshape(batch)
         if valid is not None:

@@ -96,6 +96,7 @@ class RFState:
     qk: LayerSum = dataclasses.field(default_factory=LayerSum)
     dis: Tensor | None = None  # (B, N) bool, this layer's distraction tokens T_dis
     dis_any: bool = False
+    fiedler_y: Tensor | None = None  # the last cut's Fiedler vectors: the next layer's warm start (eig_solver=lanczos)
     generator: torch.Generator | None = None  # random_tokens control
 
 
@@ -178,7 +179,7 @@ class RFCLIP(Method):
     cut_threshold: str = RF_CUT_THRESHOLD
     fg_rule: str = "fewer_distraction"
     cut_graph: str = "all"
-    eig_solver: str = "power"
+    eig_solver: str = "lanczos"
     power_max_squarings: int = RF_POWER_MAX_SQUARINGS
     fiedler_tol: float = RF_FIEDLER_RESIDUAL_TOL
     eigengap_tol: float = RF_EIGENGAP_TOL
@@ -414,10 +415,14 @@ class RFCLIP(Method):
                 S = src[:, :, 1:, 1:].float() / n  # (B, H, N, N)
                 d = dis.unsqueeze(1)
                 col = A[:, :, 1:, 1:].mean(-2) if self.fg_rule == "less_attended" else None
+            st = ctx.store["rfclip"]
+            warm = {"start": st.fiedler_y} if self.eig_solver == "lanczos" else {}
             target, fied = defocused_tokens(symmetrize(S), d, self.cut_threshold, self.fg_rule, col,
                                             self.eig_solver, cut_graph=self.cut_graph,
                                             gap_tol=float(self.eigengap_tol),
-                                            max_squarings=int(self.power_max_squarings), tol=float(self.fiedler_tol))
+                                            max_squarings=int(self.power_max_squarings), tol=float(self.fiedler_tol),
+                                            **warm)
+            st.fiedler_y = fied.y
         if ctx.record is not None:
             y = fied.y
             ctx.log(f"rf.L{layer}.fiedler", y if y.dim() == 2 else y.mean(1))
