@@ -47,7 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..constants import (RF_EIGENGAP_TOL, RF_FIEDLER_RESIDUAL_TOL, RF_LANCZOS_STEPS, RF_POWER_MAX_SQUARINGS,
+from ..constants import (RF_EIGENGAP_TOL, RF_FIEDLER_RESIDUAL_TOL, RF_LANCZOS_MAX_STEPS, RF_POWER_MAX_SQUARINGS,
                          RF_POWER_MIN_SQUARINGS)
 from ..dense import no_autocast
 
@@ -57,6 +57,8 @@ EIG_SOLVERS = ("lanczos", "power", "eigh")
 CUT_GRAPHS = ("all", "non_distraction")
 
 _EPS = 1e-12
+_LANCZOS_FIRST_CHECK = 12  # Krylov steps before the first Ritz check (benchmarks/fiedler.py: enough from a warm start)
+_LANCZOS_CHECK_EVERY = 8
 _RHO_FLOOR = 1e-5  # smallest trace share outside z the gap bound trusts (fp32 rounding of S^(2^k) is ~1e-7)
 
 
@@ -176,71 +178,99 @@ def _cold_start(N: int, device: torch.device) -> Tensor:
     return torch.randn(N, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def _lanczos_solve(M: Tensor, u1: Tensor, start: Tensor, steps: int,
+def _lanczos_solve(M: Tensor, u1: Tensor, start: Tensor, max_steps: int,
                    tol: float, gap_tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Krylov (Lanczos with full re-orthogonalisation) + Rayleigh-Ritz from ``start`` (G, N) in ``u1``'s
     complement, for graphs (G, N, N). Returns ``(z, mu, gap, residual, certified)``; ``certified``: the residual is
     at most ``tol`` and the eigengap is proved to be at least ``gap_tol`` (``gap``, a lower bound), see
-    :func:`_certify_gap`."""
+    :func:`_certify_gap`. The Ritz vector is checked after ``_LANCZOS_FIRST_CHECK`` steps and every
+    ``_LANCZOS_CHECK_EVERY`` from there up to ``max_steps``; a graph stops at its first check with a residual of at
+    most ``tol``."""
     G, N = u1.shape
-    m = max(1, min(int(steps), N - 1))
+    m = max(1, min(int(max_steps), N - 1))
+    checks = set(range(min(_LANCZOS_FIRST_CHECK, m), m, _LANCZOS_CHECK_EVERY)) | {m}
     basis = M.new_zeros(G, m + 1, N)  # rows: u1, then the orthonormal Krylov basis in u1's complement
     basis[:, 0] = u1
     MV = M.new_zeros(G, m, N)  # M applied to the Krylov basis
-    cold = _cold_start(N, M.device).expand(G, N)
-    v = torch.where(start.norm(dim=-1, keepdim=True) > 0, start, cold)
-    for j in range(m + 1):
+    z_out, theta_out = torch.zeros_like(u1), u1.new_zeros(G, 2)
+    active = torch.arange(G, device=M.device)  # graphs still iterating
+    Ma = M
+    v = torch.where(start.norm(dim=-1, keepdim=True) > 0, start, _cold_start(N, M.device).expand(G, N))
+    for j in range(m):
         for _ in range(2):  # classical Gram-Schmidt twice against u1 and the basis so far
             Q = basis[:, :j + 1]
             v = v - torch.bmm(torch.bmm(v.unsqueeze(1), Q.transpose(1, 2)), Q).squeeze(1)
-        if j == m:
-            break
         v = _unit(v)
         basis[:, j + 1] = v
-        v = _matvec(M, v)
+        v = _matvec(Ma, v)
         MV[:, j] = v
-    V = basis[:, 1:]
-    H = torch.bmm(V, MV.transpose(1, 2))  # (G, m, m) = V M V^T
-    theta, Y = torch.linalg.eigh(symmetrize(H))  # Ritz values ascending
-    z = torch.bmm(Y[..., -1].unsqueeze(1), V).squeeze(1)
-    z = _unit(z - (z * u1).sum(-1, keepdim=True) * u1)
+        if j + 1 not in checks:
+            continue
+        V = basis[:, 1:j + 2]
+        H = torch.bmm(V, MV[:, :j + 1].transpose(1, 2))  # (G, j+1, j+1) = V M V^T
+        theta, Y = torch.linalg.eigh(symmetrize(H))  # Ritz values ascending
+        z = torch.bmm(Y[..., -1:].transpose(1, 2), V).squeeze(1)
+        z = _unit(z - (z * basis[:, 0]).sum(-1, keepdim=True) * basis[:, 0])
+        Mz = _matvec(Ma, z)
+        res = (Mz - (z * Mz).sum(-1, keepdim=True) * z).norm(dim=-1)
+        done = res <= tol if j + 1 < m else torch.ones_like(res, dtype=torch.bool)
+        if bool(done.any()):
+            idx = active[done]
+            z_out[idx] = z[done]
+            theta_out[idx] = theta[done][:, -2:] if j > 0 else torch.cat([theta[done] - 1.0, theta[done]], -1)
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            active, Ma, basis, MV, v = active[keep], Ma[keep], basis[keep], MV[keep], v[keep]
+    z = z_out
     Mz = _matvec(M, z)
     mu = (z * Mz).sum(-1)
     residual = (Mz - mu.unsqueeze(-1) * z).norm(dim=-1)
-    # mu3 lies at or above the second Ritz value theta[-2] (interlacing); the shift a tenth of the Ritz gap above it
-    # certifies 0.9 of that gap whenever theta[-2] has converged to within that tenth.
-    second = theta[..., -2] if m > 1 else mu - 1.0
+    theta = theta_out
+    # mu3 lies at or above the second Ritz value theta[-2] (interlacing): a shift a tenth of the Ritz gap above it
+    # certifies 0.9 of that gap whenever theta[-2] has converged to within that tenth; a cheap fp32 proof first,
+    # an fp64 one at the shift that only decides "gap >= gap_tol" for the graphs it leaves.
+    second = theta[..., -2]
     accurate = (residual <= tol) & ((z.norm(dim=-1) - 1.0).abs() < 1e-3)  # a unit z (the bound needs one)
-    sigma = torch.minimum(second + 0.1 * (theta[..., -1] - second), mu - gap_tol - residual)
     gap = torch.zeros_like(mu)
-    if bool(accurate.any()):
-        idx = accurate.nonzero().squeeze(-1)
-        gap[idx] = _certify_gap(M[idx], u1[idx], z[idx], mu[idx], residual[idx], sigma[idx])
-    ok = accurate & (gap >= gap_tol)
-    retry = accurate & ~ok & (sigma < mu - 2 * gap_tol - residual)  # theta[-2] not converged: decide only
-    if bool(retry.any()):
-        idx = retry.nonzero().squeeze(-1)
-        sigma2 = mu[idx] - 2 * gap_tol - residual[idx]
-        gap[idx] = _certify_gap(M[idx], u1[idx], z[idx], mu[idx], residual[idx], sigma2)
-        ok = accurate & (gap >= gap_tol)
-    return z, mu, gap, residual, ok
+    sigma = second + 0.1 * (theta[..., -1] - second)
+    todo = accurate & (sigma < mu - residual - gap_tol)
+    if bool(todo.any()):
+        gap[todo] = _certify_gap(*_rows(todo, M, u1, z, mu, residual, sigma))
+    todo = accurate & (gap < gap_tol)
+    if bool(todo.any()):
+        gap[todo] = _certify_gap(*_rows(todo, M, u1, z, mu, residual, mu - residual - 2 * gap_tol), exact=True)
+    return z, mu, gap, residual, accurate & (gap >= gap_tol)
 
 
-def _certify_gap(M: Tensor, u1: Tensor, z: Tensor, mu: Tensor, residual: Tensor, sigma: Tensor) -> Tensor:
+def _rows(mask: Tensor, *tensors: Tensor) -> list[Tensor]:
+    """The ``mask`` (G,) rows of each tensor, without a copy where every row is taken."""
+    return list(tensors) if bool(mask.all()) else [t[mask] for t in tensors]
+
+
+def _certify_gap(M: Tensor, u1: Tensor, z: Tensor, mu: Tensor, residual: Tensor, sigma: Tensor,
+                 exact: bool = False) -> Tensor:
     """A proved lower bound of ``mu2 - mu3`` for graphs (G, N, N), or 0 where the proof fails (G,).
 
     ``A = sigma I - M + 2 u1 u1^T + 2 z z^T`` is ``sigma I - M`` plus a positive semi-definite matrix of rank 2,
     so its smallest eigenvalue is at most the third smallest of ``sigma I - M``, ``sigma - mu3`` (Weyl's
-    interlacing for a rank-2 update). A Cholesky factorisation of ``A`` that succeeds (fp64, backward error ~1e-13)
-    proves ``A`` positive definite, hence ``mu3 < sigma``, whatever ``z`` is. The Rayleigh quotient ``mu`` of a
-    unit ``z`` orthogonal to ``u1`` is at most ``mu2`` (Courant-Fischer; ``u1`` is the exact top eigenvector), so
-    ``mu2 - mu3 > mu - sigma``; the residual is taken off for the rounding of ``mu`` in fp32.
+    interlacing for a rank-2 update). A Cholesky factorisation of ``A`` that runs to the end proves that ``A + E``
+    is positive definite, with ``|E|_2 <= gamma trace(A) / (1 - gamma)``, ``gamma = (N + 1) u / (1 - (N + 1) u)``
+    (Demmel's backward error; ``u`` the unit roundoff), so ``mu3 < sigma + |E|_2``, whatever ``z`` is. The
+    Rayleigh quotient ``mu`` of a unit ``z`` orthogonal to ``u1`` is at most ``mu2`` (Courant-Fischer; ``u1`` is
+    the exact top eigenvector), so ``mu2 - mu3 > mu - sigma - |E|_2``, less the residual for the rounding of ``mu``
+    and of ``A``. In fp32 (``exact=False``) ``|E|_2`` is about 1e-3 for N = 196; in fp64 (``exact=True``) 1e-11.
     """
-    E = torch.stack([u1, z], dim=-1).double()  # (G, N, 2)
-    A = M.double().baddbmm_(E, E.transpose(1, 2), beta=-1.0, alpha=2.0)  # 2 E E^T - M
-    A.diagonal(dim1=-2, dim2=-1).add_(sigma.double().unsqueeze(-1))
+    dtype = torch.float64 if exact else torch.float32
+    N = M.shape[-1]
+    E = torch.stack([u1, z], dim=-1).to(dtype)  # (G, N, 2)
+    A = M.to(dtype, copy=True).baddbmm_(E, E.transpose(1, 2), beta=-1.0, alpha=2.0)  # 2 E E^T - M
+    A.diagonal(dim1=-2, dim2=-1).add_(sigma.to(dtype).unsqueeze(-1))
     _, info = torch.linalg.cholesky_ex(A)
-    bound = mu - residual - sigma
+    unit = torch.finfo(dtype).eps / 2
+    gamma = (N + 1) * unit / (1 - (N + 1) * unit)
+    trace = A.diagonal(dim1=-2, dim2=-1).sum(-1).float()
+    bound = mu - residual - sigma - (gamma / (1 - gamma)) * trace.abs() - 8 * unit * N
     return torch.where(info == 0, bound, torch.zeros_like(bound))
 
 
@@ -257,13 +287,13 @@ def _eigh_solve(M: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def fiedler_vector(W: Tensor, solver: str = "power", *, valid: Tensor | None = None, start: Tensor | None = None,
                    min_squarings: int = RF_POWER_MIN_SQUARINGS, max_squarings: int = RF_POWER_MAX_SQUARINGS,
                    tol: float = RF_FIEDLER_RESIDUAL_TOL, gap_tol: float = RF_EIGENGAP_TOL,
-                   lanczos_steps: int = RF_LANCZOS_STEPS) -> Fiedler:
+                   lanczos_max_steps: int = RF_LANCZOS_MAX_STEPS) -> Fiedler:
     """Fiedler vectors of symmetric non-negative affinities ``W`` (..., N, N), batched.
 
     ``solver``: ``"power"`` (repeated squaring checked from ``min_squarings`` to ``max_squarings``: a graph is
     done once its residual is at most ``tol`` and its certified eigengap at least ``gap_tol``; ``eigh`` for the
-    others, so a degenerate graph is always decided on its exact gap), ``"lanczos"`` (``lanczos_steps`` Krylov
-    steps from ``start`` (..., N), a guess of ``y`` such as the previous layer's, with the same two conditions;
+    others, so a degenerate graph is always decided on its exact gap), ``"lanczos"`` (up to ``lanczos_max_steps``
+    Krylov steps from ``start`` (..., N), a guess of ``y`` such as the previous layer's, with the same two conditions;
     the graphs that miss either go to ``"power"``) or ``"eigh"``.
     ``valid`` (..., N) bool: cut only the graph of these nodes. Graphs with fewer than 2 nodes give ``y = 0``
     and ``gap = 0``. Returns a :class:`Fiedler`.
@@ -293,7 +323,7 @@ def fiedler_vector(W: Tensor, solver: str = "power", *, valid: Tensor | None = N
             else:  # a guess of y -> z = D^1/2 y on the graph's nodes
                 z0 = torch.where(dinv > 0, start.float().expand(dinv.shape) / dinv.clamp_min(_EPS),
                                  torch.zeros_like(dinv)).reshape(-1, N)
-            z, mu, gap, res, converged = _lanczos_solve(Mf, uf, z0, lanczos_steps, tol, gap_tol)
+            z, mu, gap, res, converged = _lanczos_solve(Mf, uf, z0, lanczos_max_steps, tol, gap_tol)
             used = torch.zeros_like(converged)
             todo = ~converged
             if bool(todo.any()):  # the squaring solver for the rest
