@@ -7,9 +7,32 @@ normalized cut (Shi & Malik 2000) is the Fiedler vector ``y`` of the generalized
 second-*largest* eigenvalue ``mu2`` of ``M``; ``y`` is scaled so that ``y^T D y = 1`` (the scaling scipy's
 ``eigh(L, D)`` returns), its sign is arbitrary. The **eigengap** is ``lambda3 - lambda2 = mu2 - mu3``.
 
-Two solvers, both batched over every leading dimension (crops, heads) and run on the tensors' device in fp32:
+Three solvers, all batched over every leading dimension (crops, heads) and run on the tensors' device in fp32:
 
-* ``"power"`` (default): the top eigenvector of ``M`` is known exactly (``u1 = D^1/2 1``), so the operator
+* ``"lanczos"`` (RF-CLIP's default): Krylov steps (Lanczos with full re-orthogonalisation, in ``u1``'s complement)
+  from a start vector, Rayleigh-Ritz on the Krylov basis after 12 steps and every 8 from there up to
+  ``lanczos_max_steps``; a graph stops at its first check where the Ritz vector ``z`` has a residual
+  ``|M z - mu z|`` of at most ``tol``. RF-CLIP starts each layer from the previous layer's Fiedler vector (the
+  graph is the key-key attention averaged over the layers so far, so it changes little from one layer to the
+  next): on planted ViT-B/16 graphs 12 steps suffice, against about 10 squarings of a 196 x 196 matrix. The
+  eigengap is then **proved**, not estimated (:func:`_certify_gap`): for a shift ``sigma``, ``sigma I - M`` plus
+  the rank-2 positive semi-definite ``2 u1 u1^T + 2 z z^T`` has a Cholesky factorisation only if ``mu3`` is below
+  ``sigma`` (plus the factorisation's rounding bound), whatever ``z`` is, and the Rayleigh quotient ``mu`` of a unit
+  ``z`` orthogonal to ``u1`` is at most ``mu2``, so ``mu2 - mu3 > mu - sigma``. The shift is a tenth of the
+  Ritz gap above the second Ritz value (fp32 factorisation, whose rounding bound is about 1e-3 for N = 196), and
+  where that fails, just low enough to decide ``gap >= gap_tol`` (fp64). Graphs without both (residual and proved
+  gap) go to ``"power"`` (and from there to ``eigh``).
+
+  **Why the cut is decided as with** ``"power"``: a graph's cut depends on (a) whether its eigengap is at least
+  ``gap_tol`` (else no graph-cut choice) and (b) the sign pattern of ``y - mean(y)``. (a) ``"power"`` accepts a
+  graph only with a proved gap of at least ``gap_tol`` and otherwise lets ``eigh`` decide on the exact gap;
+  ``"lanczos"`` accepts a graph only with such a proof too (a different, equally sound proof) and otherwise
+  hands it to ``"power"``: either way a graph is called degenerate iff its exact gap is below ``gap_tol``. (b)
+  Both accept a vector only with a residual of at most ``tol`` next to a proved gap ``g``, so both are within
+  ``tol / g`` of the exact eigenvector (Davis-Kahan): they can differ only on tokens that close to the threshold,
+  which fp32 does not decide for either solver (``benchmarks/fiedler.py``: one token 4e-6 from the threshold on
+  33 unstructured graphs, where fp32 rounding of the graph alone moves ``y`` by 1.5e-5).
+* ``"power"``: the top eigenvector of ``M`` is known exactly (``u1 = D^1/2 1``), so the operator
   ``S = (M + I) / 2 - u1 u1^T`` is positive semi-definite with ``z`` as its top eigenvector. ``S`` is squared
   (``S^(2^k)``, trace-normalised), which converges like ``((1 + mu3) / (1 + mu2))^(2^k)``: the shift that makes
   ``S`` semi-definite shrinks the relative gap, so graphs with a small gap need many squarings (random-weight
@@ -42,6 +65,7 @@ applied with masks, never with per-crop index lists.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -170,6 +194,24 @@ def _power_solve(M: Tensor, u1: Tensor, min_squarings: int, max_squarings: int, 
         if active.numel() == 0:
             break
     return z_out, mu_out, gap_out, res_out, (res_out <= tol) & (gap_out >= gap_tol)
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run the block on one CPU thread (then restore the count). The lanczos solver is a few hundred small
+    operations ((1, N) x (N, N) products, vector updates, element-wise passes over G x N x N), too small to share
+    between threads, and each multi-threaded one waits until every thread has been scheduled: on the 2-core VM
+    shared with other jobs that ``benchmarks/README.md`` describes, 8 graphs took 150 ms with 2 threads and 15 ms
+    with one."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _cold_start(N: int, device: torch.device) -> Tensor:
@@ -306,7 +348,8 @@ def fiedler_vector(W: Tensor, solver: str = "power", *, valid: Tensor | None = N
         zeros = torch.zeros(batch, device=dev)
         return Fiedler(torch.zeros((*batch, N), device=dev), zeros, zeros, zeros,
                        torch.zeros(batch, dtype=torch.bool, device=dev))
-    with no_autocast(dev):
+    threads = _one_cpu_thread(dev) if solver == "lanczos" else contextlib.nullcontext()
+    with no_autocast(dev), threads:
         if valid is not None:
             valid = valid.expand(W.shape[:-1])
         M, dinv, u1 = _normalized_affinity(W.float(), valid)

@@ -127,8 +127,9 @@ class RFCLIP(Method):
         preceding_only, ``defocus_sim_heads`` = mean | per_head, ``cut_threshold`` = mean | otsu (Table 5),
         ``fg_rule`` = fewer_distraction (the side with fewer distraction tokens) | max_abs (TokenCut) |
         smaller_side | less_attended, ``cut_graph`` = all (eq. 8) | non_distraction (the graph of the
-        non-distraction patches only), ``eig_solver`` = power | eigh,
-        ``power_max_squarings`` = 16, ``fiedler_tol`` = 1e-6 (residual stopping rule of the power solver; graphs
+        non-distraction patches only), ``eig_solver`` = lanczos (Krylov steps from the previous layer's Fiedler
+        vector, a proved eigengap; the graphs it does not settle go to power) | power | eigh,
+        ``power_max_squarings`` = 16, ``fiedler_tol`` = 1e-6 (residual stopping rule of the iterative solvers; graphs
         above it fall back to eigh), ``eigengap_tol`` = 1e-4 (graphs with a smaller eigengap are degenerate: no
         graph-cut choice, every non-distraction token is defocused).
     Last layer (eq. 14)
