@@ -201,3 +201,18 @@ def test_rfclip_warm_starts_each_layer_from_the_previous_one(tiny_clip):
         rfclip_module.defocused_tokens = original
     torch.testing.assert_close(feats["lanczos"], feats["power"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(feats["lanczos"], feats["eigh"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_solver_gives_the_thread_count_back():
+    """The lanczos solver runs on one CPU thread and restores the caller's count, also when it raises."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        W = torch.rand(2, 30, 30) + 0.1
+        fiedler_vector(0.5 * (W + W.transpose(1, 2)), "lanczos")
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            fiedler_vector(torch.rand(2, 30, 30), "lanczos", start=torch.rand(3, 7))  # start of the wrong shape
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
