@@ -9,10 +9,13 @@ The graphs are the ones RF-CLIP cuts in a forward of a random-weight ViT-B/16 (t
 * ``unplanted``: the random model without planting, ``tau_mult`` lowered so that every layer finds distraction
   tokens; its key-key graphs have no structure and eigengaps of 1e-3 (the hard case for a power method).
 
-Solvers: ``power-10`` (the former default: 10 squarings, no check), ``power`` (the default: residual stopping
-rule, certified eigengap, ``eigh`` fallback), ``eigh`` (fp32). Agreement: cuts (``y > mean(y)``) whose foreground
-differs from fp64 ``eigh``'s (up to the sign of ``y``), and the most tokens a cut differs by. Cost: milliseconds per
-batch of all graphs of a set, the fastest of ``--repeats`` interleaved rounds, and the ratio to ``eigh``.
+Solvers: ``power-10`` (the first default: 10 squarings, no check), ``power`` (residual stopping rule, certified
+eigengap, ``eigh`` fallback), ``lanczos`` (RF-CLIP's default: Krylov steps from the previous layer's vector, the
+same residual rule, a proved eigengap, ``power`` then ``eigh`` as fallbacks), ``eigh`` (fp32). Every solver is
+called layer by layer on that layer's crops, as RF-CLIP calls it. Agreement: cuts (``y > mean(y)``) whose
+foreground differs from fp64 ``eigh``'s (up to the sign of ``y``), and the most tokens a cut differs by. Cost:
+milliseconds for all graphs of a set, the fastest of ``--repeats`` interleaved rounds, and the ratio to ``eigh``.
+``fallback``: graphs ``lanczos`` handed to ``power`` / graphs solved by ``eigh`` in the end, for each solver.
 
 A last table compares the side rules on the same graphs: how often the chosen foreground (the defocused
 candidates) is the side of the cut holding more distraction tokens, and how often the largest ``|y|`` (TokenCut's
@@ -29,6 +32,7 @@ import time
 
 import torch
 
+import rfclip.methods.defocus as defocus_module
 import rfclip.methods.rfclip as rfclip_module
 from rfclip.constants import DISTRACTION_DIMS
 from rfclip.dense import DenseCLIP
@@ -42,6 +46,7 @@ TOKENS = (20, 21, 34, 100, 150)  # planted distraction tokens (patch indices on 
 SOLVERS = {
     "power-10": dict(solver="power", min_squarings=10, max_squarings=10, tol=float("inf"), gap_tol=0.0),
     "power": dict(solver="power"),
+    "lanczos": dict(solver="lanczos"),
     "eigh": dict(solver="eigh"),
 }
 
@@ -94,19 +99,48 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_solvers(W: torch.Tensor, repeats: int, device: str) -> dict[str, float]:
+def solve_layers(W: torch.Tensor, crops: int, opts: dict):
+    """The Fiedler vectors of the graphs (layers x crops, N, N), one call per layer as RF-CLIP makes them
+    (``lanczos`` starts from the previous layer's vectors). Returns (y (G, N), eigh_used (G,))."""
+    ys, used, start = [], [], None
+    for layer in W.split(crops):
+        fied = fiedler_vector(layer, **opts, **({"start": start} if opts["solver"] == "lanczos" else {}))
+        start = fied.y
+        ys.append(fied.y)
+        used.append(fied.eigh_used)
+    return torch.cat(ys), torch.cat(used)
+
+
+def time_solvers(W: torch.Tensor, crops: int, repeats: int, device: str) -> dict[str, float]:
     W = W.to(device)
     best = {name: float("inf") for name in SOLVERS}
     for name, opts in SOLVERS.items():  # warm-up
-        fiedler_vector(W, **opts)
+        solve_layers(W, crops, opts)
     for _ in range(repeats):
         for name, opts in SOLVERS.items():
             sync(device)
             t0 = time.perf_counter()
-            fiedler_vector(W, **opts)
+            solve_layers(W, crops, opts)
             sync(device)
             best[name] = min(best[name], 1e3 * (time.perf_counter() - t0))
     return best
+
+
+def count_power_fallbacks(W: torch.Tensor, crops: int) -> int:
+    """Graphs the lanczos solver hands to the squaring solver."""
+    calls = []
+    original = defocus_module._power_solve
+
+    def spy(M, *args, **kwargs):
+        calls.append(M.shape[0])
+        return original(M, *args, **kwargs)
+
+    defocus_module._power_solve = spy
+    try:
+        solve_layers(W, crops, SOLVERS["lanczos"])
+    finally:
+        defocus_module._power_solve = original
+    return sum(calls)
 
 
 def main() -> None:
@@ -127,17 +161,17 @@ def main() -> None:
     print(head + " | fallback")
     for set_name, (W, _) in sets.items():
         ref_fg, gap = reference(W)
-        times = time_solvers(W, args.repeats, args.device)
+        times = time_solvers(W, args.crops, args.repeats, args.device)
         row = f"{set_name:<13} {W.shape[0]:>3} {float(gap.min()):>8.1e} {float(gap.median()):>8.1e}"
-        fallback = 0
+        fallback = {}
         for name, opts in SOLVERS.items():
-            fied = fiedler_vector(W.to(args.device), **opts)
-            diff = differing(bipartition(fied.y.cpu()), ref_fg)
-            if name == "power":
-                fallback = int(fied.eigh_used.sum())
+            y, used = solve_layers(W.to(args.device), args.crops, opts)
+            diff = differing(bipartition(y.cpu()), ref_fg)
+            fallback[name] = int(used.sum())
             row += (f" | {int((diff > 0).sum()):>3}/{W.shape[0]:<3} {int(diff.max()):>4}t {times[name]:>7.1f}"
                     f" {times[name] / times['eigh']:>5.2f}x")
-        print(row + f" | {fallback}/{W.shape[0]}")
+        to_power = count_power_fallbacks(W.to(args.device), args.crops)
+        print(row + f" | lanczos->power {to_power}, ->eigh: power {fallback['power']}, lanczos {fallback['lanczos']}")
 
     print("\nside rules (default solver, mean threshold). wrong side: cuts whose foreground is the side holding more "
           "distraction tokens; seed dis: the largest |y| is a distraction token; T_def: mean share of the "

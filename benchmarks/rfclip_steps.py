@@ -8,6 +8,7 @@ built from the running key-key sum), the attention redistribution (eq. 9-12) and
 Interleaved rounds; the fastest round of each method is shown with its step times.
 
     python benchmarks/rfclip_steps.py                      # CPU: 6 images, default crops per forward
+    python benchmarks/rfclip_steps.py --eig-solvers lanczos,power   # the cut solvers side by side
     python benchmarks/rfclip_steps.py --device cuda --images 32 --batch-size 64
 
 On a GPU the steps are timed without synchronising (kernels run asynchronously), so only the totals count there.
@@ -65,6 +66,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--plant-tokens", type=int, default=4)
+    p.add_argument("--eig-solvers", default="lanczos",
+                   help="comma-separated eig_solver values, one rfclip run each (default: rfclip's default)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     reuse = device.type == "cpu" and reuse_cpu_memory(True)
@@ -74,8 +77,10 @@ def main(argv=None) -> None:
     text = random_text(21, model.model.visual.output_dim, 0)
     images = voc_like_images(args.images, 375, 500, seed=0)
     common = dict(device=device, text_cache=False, templates=["{}"], batch_size=args.batch_size)
-    segs = {"clip": Segmenter(model, method="clip", **common),
-            "rfclip (planted)": Segmenter(model, method="rfclip", distraction_dims=B16_DISTRACTION_DIMS, **common)}
+    segs = {"clip": Segmenter(model, method="clip", **common)}
+    for solver in args.eig_solvers.split(","):
+        segs[f"rfclip (planted, {solver})"] = Segmenter(model, method="rfclip", distraction_dims=B16_DISTRACTION_DIMS,
+                                                        eig_solver=solver, **common)
     times: collections.Counter = collections.Counter()
     wrap_steps(times)
     for seg in segs.values():
@@ -96,13 +101,19 @@ def main(argv=None) -> None:
     print(f"# {device_name(device)} | torch {torch.__version__} | random ViT-B/16, {args.plant_tokens} planted "
           f"distraction tokens per crop | {len(images)} images 375x500, 6 crops each | reuse_cpu_memory {reuse}")
     base = best["clip"][0]
-    print(f"clip              {base:7.2f} s  ({len(images) / base:.3f} img/s)")
-    seconds, steps = best["rfclip (planted)"]
-    print(f"rfclip (planted)  {seconds:7.2f} s  ({len(images) / seconds:.3f} img/s, {base / seconds:.2f}x clip)")
-    print("\n| step | seconds | % of rfclip |\n|---|---|---|")
-    for name in STEPS:
-        if name in steps:
-            print(f"| {name} | {steps[name]:.3f} | {100 * steps[name] / seconds:.1f} |")
+    runs = [name for name in segs if name != "clip"]
+    print(f"{'clip':<30} {base:7.2f} s  ({len(images) / base:.3f} img/s)")
+    for name in runs:
+        seconds = best[name][0]
+        print(f"{name:<30} {seconds:7.2f} s  ({len(images) / seconds:.3f} img/s, {base / seconds:.2f}x clip)")
+    print("\n| step | " + " | ".join(f"{name} s | %" for name in runs) + " |")
+    print("|---|" + "---|---|" * len(runs))
+    for step in STEPS:
+        cells = []
+        for name in runs:
+            seconds, steps = best[name]
+            cells.append(f"{steps.get(step, 0.0):.3f} | {100 * steps.get(step, 0.0) / seconds:.1f}")
+        print(f"| {step} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

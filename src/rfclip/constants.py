@@ -69,6 +69,10 @@ RF_ATTN_CONDITION_GEOMETRY = ((24, 1024, 14),)
 # torch.linalg.eigh for the graphs that do not get there. Graphs whose eigengap lambda3 - lambda2 is below 1e-4 are
 # degenerate (the Fiedler vector is not determined): no graph-cut choice there.
 RF_POWER_MIN_SQUARINGS = 4
+# The default solver ("lanczos", benchmarks/fiedler.py): up to 44 Krylov steps from the previous layer's Fiedler
+# vector (the layer-averaged graph changes little between layers), checked by the same residual rule and a proved
+# eigengap; graphs that do not get there go to the squaring solver, then eigh.
+RF_LANCZOS_MAX_STEPS = 44
 RF_POWER_MAX_SQUARINGS = 16
 RF_FIEDLER_RESIDUAL_TOL = 1e-6
 RF_EIGENGAP_TOL = 1e-4

@@ -171,6 +171,8 @@ def softmax_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = 
         logits = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))  # scaling q: one (T, d) pass, not (T, T)
         if bias is not None:
             logits = logits + bias.float()
+        if logits.device.type == "cpu" and not logits.requires_grad and not torch.compiler.is_compiling():
+            return torch.softmax(logits, dim=-1, out=logits)  # in place, the same values: no second (B, H, T, T) buffer
         return logits.softmax(dim=-1)
 
 

@@ -7,9 +7,32 @@ normalized cut (Shi & Malik 2000) is the Fiedler vector ``y`` of the generalized
 second-*largest* eigenvalue ``mu2`` of ``M``; ``y`` is scaled so that ``y^T D y = 1`` (the scaling scipy's
 ``eigh(L, D)`` returns), its sign is arbitrary. The **eigengap** is ``lambda3 - lambda2 = mu2 - mu3``.
 
-Two solvers, both batched over every leading dimension (crops, heads) and run on the tensors' device in fp32:
+Three solvers, all batched over every leading dimension (crops, heads) and run on the tensors' device in fp32:
 
-* ``"power"`` (default): the top eigenvector of ``M`` is known exactly (``u1 = D^1/2 1``), so the operator
+* ``"lanczos"`` (RF-CLIP's default): Krylov steps (Lanczos with full re-orthogonalisation, in ``u1``'s complement)
+  from a start vector, Rayleigh-Ritz on the Krylov basis after 12 steps and every 8 from there up to
+  ``lanczos_max_steps``; a graph stops at its first check where the Ritz vector ``z`` has a residual
+  ``|M z - mu z|`` of at most ``tol``. RF-CLIP starts each layer from the previous layer's Fiedler vector (the
+  graph is the key-key attention averaged over the layers so far, so it changes little from one layer to the
+  next): on planted ViT-B/16 graphs 12 steps suffice, against about 10 squarings of a 196 x 196 matrix. The
+  eigengap is then **proved**, not estimated (:func:`_certify_gap`): for a shift ``sigma``, ``sigma I - M`` plus
+  the rank-2 positive semi-definite ``2 u1 u1^T + 2 z z^T`` has a Cholesky factorisation only if ``mu3`` is below
+  ``sigma`` (plus the factorisation's rounding bound), whatever ``z`` is, and the Rayleigh quotient ``mu`` of a unit
+  ``z`` orthogonal to ``u1`` is at most ``mu2``, so ``mu2 - mu3 > mu - sigma``. The shift is a tenth of the
+  Ritz gap above the second Ritz value (fp32 factorisation, whose rounding bound is about 1e-3 for N = 196), and
+  where that fails, just low enough to decide ``gap >= gap_tol`` (fp64). Graphs without both (residual and proved
+  gap) go to ``"power"`` (and from there to ``eigh``).
+
+  **Why the cut is decided as with** ``"power"``: a graph's cut depends on (a) whether its eigengap is at least
+  ``gap_tol`` (else no graph-cut choice) and (b) the sign pattern of ``y - mean(y)``. (a) ``"power"`` accepts a
+  graph only with a proved gap of at least ``gap_tol`` and otherwise lets ``eigh`` decide on the exact gap;
+  ``"lanczos"`` accepts a graph only with such a proof too (a different, equally sound proof) and otherwise
+  hands it to ``"power"``: either way a graph is called degenerate iff its exact gap is below ``gap_tol``. (b)
+  Both accept a vector only with a residual of at most ``tol`` next to a proved gap ``g``, so both are within
+  ``tol / g`` of the exact eigenvector (Davis-Kahan): they can differ only on tokens that close to the threshold,
+  which fp32 does not decide for either solver (``benchmarks/fiedler.py``: one token 4e-6 from the threshold on
+  33 unstructured graphs, where fp32 rounding of the graph alone moves ``y`` by 1.5e-5).
+* ``"power"``: the top eigenvector of ``M`` is known exactly (``u1 = D^1/2 1``), so the operator
   ``S = (M + I) / 2 - u1 u1^T`` is positive semi-definite with ``z`` as its top eigenvector. ``S`` is squared
   (``S^(2^k)``, trace-normalised), which converges like ``((1 + mu3) / (1 + mu2))^(2^k)``: the shift that makes
   ``S`` semi-definite shrinks the relative gap, so graphs with a small gap need many squarings (random-weight
@@ -42,21 +65,24 @@ applied with masks, never with per-crop index lists.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..constants import (RF_EIGENGAP_TOL, RF_FIEDLER_RESIDUAL_TOL, RF_POWER_MAX_SQUARINGS,
+from ..constants import (RF_EIGENGAP_TOL, RF_FIEDLER_RESIDUAL_TOL, RF_LANCZOS_MAX_STEPS, RF_POWER_MAX_SQUARINGS,
                          RF_POWER_MIN_SQUARINGS)
 from ..dense import no_autocast
 
 CUT_THRESHOLDS = ("mean", "otsu")
 FG_RULES = ("fewer_distraction", "max_abs", "smaller_side", "less_attended")
-EIG_SOLVERS = ("power", "eigh")
+EIG_SOLVERS = ("lanczos", "power", "eigh")
 CUT_GRAPHS = ("all", "non_distraction")
 
 _EPS = 1e-12
+_LANCZOS_FIRST_CHECK = 12  # Krylov steps before the first Ritz check (benchmarks/fiedler.py: enough from a warm start)
+_LANCZOS_CHECK_EVERY = 8
 _RHO_FLOOR = 1e-5  # smallest trace share outside z the gap bound trusts (fp32 rounding of S^(2^k) is ~1e-7)
 
 
@@ -170,6 +196,126 @@ def _power_solve(M: Tensor, u1: Tensor, min_squarings: int, max_squarings: int, 
     return z_out, mu_out, gap_out, res_out, (res_out <= tol) & (gap_out >= gap_tol)
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run the block on one CPU thread (then restore the count). The lanczos solver is a few hundred small
+    operations ((1, N) x (N, N) products, vector updates, element-wise passes over G x N x N), too small to share
+    between threads, and each multi-threaded one waits until every thread has been scheduled: on the 2-core VM
+    shared with other jobs that ``benchmarks/README.md`` describes, 8 graphs took 150 ms with 2 threads and 15 ms
+    with one."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cold_start(N: int, device: torch.device) -> Tensor:
+    """The Krylov start without a warm start: a fixed pseudo-random vector (N,), the same for every graph and call
+    (a crop's result must not depend on its batch)."""
+    return torch.randn(N, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _lanczos_solve(M: Tensor, u1: Tensor, start: Tensor, max_steps: int,
+                   tol: float, gap_tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Krylov (Lanczos with full re-orthogonalisation) + Rayleigh-Ritz from ``start`` (G, N) in ``u1``'s
+    complement, for graphs (G, N, N). Returns ``(z, mu, gap, residual, certified)``; ``certified``: the residual is
+    at most ``tol`` and the eigengap is proved to be at least ``gap_tol`` (``gap``, a lower bound), see
+    :func:`_certify_gap`. The Ritz vector is checked after ``_LANCZOS_FIRST_CHECK`` steps and every
+    ``_LANCZOS_CHECK_EVERY`` from there up to ``max_steps``; a graph stops at its first check with a residual of at
+    most ``tol``."""
+    G, N = u1.shape
+    m = max(1, min(int(max_steps), N - 1))
+    checks = set(range(min(_LANCZOS_FIRST_CHECK, m), m, _LANCZOS_CHECK_EVERY)) | {m}
+    basis = M.new_zeros(G, m + 1, N)  # rows: u1, then the orthonormal Krylov basis in u1's complement
+    basis[:, 0] = u1
+    MV = M.new_zeros(G, m, N)  # M applied to the Krylov basis
+    z_out, theta_out = torch.zeros_like(u1), u1.new_zeros(G, 2)
+    active = torch.arange(G, device=M.device)  # graphs still iterating
+    Ma = M
+    v = torch.where(start.norm(dim=-1, keepdim=True) > 0, start, _cold_start(N, M.device).expand(G, N))
+    for j in range(m):
+        for _ in range(2):  # classical Gram-Schmidt twice against u1 and the basis so far
+            Q = basis[:, :j + 1]
+            v = v - torch.bmm(torch.bmm(v.unsqueeze(1), Q.transpose(1, 2)), Q).squeeze(1)
+        v = _unit(v)
+        basis[:, j + 1] = v
+        v = _matvec(Ma, v)
+        MV[:, j] = v
+        if j + 1 not in checks:
+            continue
+        V = basis[:, 1:j + 2]
+        H = torch.bmm(V, MV[:, :j + 1].transpose(1, 2))  # (G, j+1, j+1) = V M V^T
+        theta, Y = torch.linalg.eigh(symmetrize(H))  # Ritz values ascending
+        z = torch.bmm(Y[..., -1:].transpose(1, 2), V).squeeze(1)
+        z = _unit(z - (z * basis[:, 0]).sum(-1, keepdim=True) * basis[:, 0])
+        Mz = _matvec(Ma, z)
+        res = (Mz - (z * Mz).sum(-1, keepdim=True) * z).norm(dim=-1)
+        done = res <= tol if j + 1 < m else torch.ones_like(res, dtype=torch.bool)
+        if bool(done.any()):
+            idx = active[done]
+            z_out[idx] = z[done]
+            theta_out[idx] = theta[done][:, -2:] if j > 0 else torch.cat([theta[done] - 1.0, theta[done]], -1)
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            active, Ma, basis, MV, v = active[keep], Ma[keep], basis[keep], MV[keep], v[keep]
+    z = z_out
+    Mz = _matvec(M, z)
+    mu = (z * Mz).sum(-1)
+    residual = (Mz - mu.unsqueeze(-1) * z).norm(dim=-1)
+    theta = theta_out
+    # mu3 lies at or above the second Ritz value theta[-2] (interlacing): a shift a tenth of the Ritz gap above it
+    # certifies 0.9 of that gap whenever theta[-2] has converged to within that tenth; a cheap fp32 proof first,
+    # an fp64 one at the shift that only decides "gap >= gap_tol" for the graphs it leaves.
+    second = theta[..., -2]
+    accurate = (residual <= tol) & ((z.norm(dim=-1) - 1.0).abs() < 1e-3)  # a unit z (the bound needs one)
+    gap = torch.zeros_like(mu)
+    sigma = second + 0.1 * (theta[..., -1] - second)
+    todo = accurate & (sigma < mu - residual - gap_tol)
+    if bool(todo.any()):
+        gap[todo] = _certify_gap(*_rows(todo, M, u1, z, mu, residual, sigma))
+    todo = accurate & (gap < gap_tol)
+    if bool(todo.any()):
+        gap[todo] = _certify_gap(*_rows(todo, M, u1, z, mu, residual, mu - residual - 2 * gap_tol), exact=True)
+    return z, mu, gap, residual, accurate & (gap >= gap_tol)
+
+
+def _rows(mask: Tensor, *tensors: Tensor) -> list[Tensor]:
+    """The ``mask`` (G,) rows of each tensor, without a copy where every row is taken."""
+    return list(tensors) if bool(mask.all()) else [t[mask] for t in tensors]
+
+
+def _certify_gap(M: Tensor, u1: Tensor, z: Tensor, mu: Tensor, residual: Tensor, sigma: Tensor,
+                 exact: bool = False) -> Tensor:
+    """A proved lower bound of ``mu2 - mu3`` for graphs (G, N, N), or 0 where the proof fails (G,).
+
+    ``A = sigma I - M + 2 u1 u1^T + 2 z z^T`` is ``sigma I - M`` plus a positive semi-definite matrix of rank 2,
+    so its smallest eigenvalue is at most the third smallest of ``sigma I - M``, ``sigma - mu3`` (Weyl's
+    interlacing for a rank-2 update). A Cholesky factorisation of ``A`` that runs to the end proves that ``A + E``
+    is positive definite, with ``|E|_2 <= gamma trace(A) / (1 - gamma)``, ``gamma = (N + 1) u / (1 - (N + 1) u)``
+    (Demmel's backward error; ``u`` the unit roundoff), so ``mu3 < sigma + |E|_2``, whatever ``z`` is. The
+    Rayleigh quotient ``mu`` of a unit ``z`` orthogonal to ``u1`` is at most ``mu2`` (Courant-Fischer; ``u1`` is
+    the exact top eigenvector), so ``mu2 - mu3 > mu - sigma - |E|_2``, less the residual for the rounding of ``mu``
+    and of ``A``. In fp32 (``exact=False``) ``|E|_2`` is about 1e-3 for N = 196; in fp64 (``exact=True``) 1e-11.
+    """
+    dtype = torch.float64 if exact else torch.float32
+    N = M.shape[-1]
+    E = torch.stack([u1, z], dim=-1).to(dtype)  # (G, N, 2)
+    A = M.to(dtype, copy=True).baddbmm_(E, E.transpose(1, 2), beta=-1.0, alpha=2.0)  # 2 E E^T - M
+    A.diagonal(dim1=-2, dim2=-1).add_(sigma.to(dtype).unsqueeze(-1))
+    _, info = torch.linalg.cholesky_ex(A)
+    unit = torch.finfo(dtype).eps / 2
+    gamma = (N + 1) * unit / (1 - (N + 1) * unit)
+    trace = A.diagonal(dim1=-2, dim2=-1).sum(-1).float()
+    bound = mu - residual - sigma - (gamma / (1 - gamma)) * trace.abs() - 8 * unit * N
+    return torch.where(info == 0, bound, torch.zeros_like(bound))
+
+
 def _eigh_solve(M: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``torch.linalg.eigh`` of graphs (G, N, N): ``(z, mu2, mu2 - mu3, residual)``."""
     evals, Z = torch.linalg.eigh(M)  # ascending; the largest is u1 (eigenvalue 1)
@@ -180,14 +326,17 @@ def _eigh_solve(M: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return z, mu, gap, residual
 
 
-def fiedler_vector(W: Tensor, solver: str = "power", *, valid: Tensor | None = None,
+def fiedler_vector(W: Tensor, solver: str = "power", *, valid: Tensor | None = None, start: Tensor | None = None,
                    min_squarings: int = RF_POWER_MIN_SQUARINGS, max_squarings: int = RF_POWER_MAX_SQUARINGS,
-                   tol: float = RF_FIEDLER_RESIDUAL_TOL, gap_tol: float = RF_EIGENGAP_TOL) -> Fiedler:
+                   tol: float = RF_FIEDLER_RESIDUAL_TOL, gap_tol: float = RF_EIGENGAP_TOL,
+                   lanczos_max_steps: int = RF_LANCZOS_MAX_STEPS) -> Fiedler:
     """Fiedler vectors of symmetric non-negative affinities ``W`` (..., N, N), batched.
 
     ``solver``: ``"power"`` (repeated squaring checked from ``min_squarings`` to ``max_squarings``: a graph is
     done once its residual is at most ``tol`` and its certified eigengap at least ``gap_tol``; ``eigh`` for the
-    others, so a degenerate graph is always decided on its exact gap) or ``"eigh"``.
+    others, so a degenerate graph is always decided on its exact gap), ``"lanczos"`` (up to ``lanczos_max_steps``
+    Krylov steps from ``start`` (..., N), a guess of ``y`` such as the previous layer's, with the same two conditions;
+    the graphs that miss either go to ``"power"``) or ``"eigh"``.
     ``valid`` (..., N) bool: cut only the graph of these nodes. Graphs with fewer than 2 nodes give ``y = 0``
     and ``gap = 0``. Returns a :class:`Fiedler`.
     """
@@ -199,7 +348,8 @@ def fiedler_vector(W: Tensor, solver: str = "power", *, valid: Tensor | None = N
         zeros = torch.zeros(batch, device=dev)
         return Fiedler(torch.zeros((*batch, N), device=dev), zeros, zeros, zeros,
                        torch.zeros(batch, dtype=torch.bool, device=dev))
-    with no_autocast(dev):
+    threads = _one_cpu_thread(dev) if solver == "lanczos" else contextlib.nullcontext()
+    with no_autocast(dev), threads:
         if valid is not None:
             valid = valid.expand(W.shape[:-1])
         M, dinv, u1 = _normalized_affinity(W.float(), valid)
@@ -207,11 +357,25 @@ def fiedler_vector(W: Tensor, solver: str = "power", *, valid: Tensor | None = N
         if solver == "eigh":
             z, mu, gap, res = _eigh_solve(Mf)
             used = torch.ones(mu.shape, dtype=torch.bool, device=dev)
-        else:
+        elif solver == "power":
             z, mu, gap, res, converged = _power_solve(Mf, uf, min_squarings, max_squarings, tol, gap_tol)
             used = ~converged
-            if bool(used.any()):
-                z[used], mu[used], gap[used], res[used] = _eigh_solve(Mf[used])
+        else:
+            if start is None:
+                z0 = _cold_start(N, dev).expand(Mf.shape[0], N)
+            else:  # a guess of y -> z = D^1/2 y on the graph's nodes
+                z0 = torch.where(dinv > 0, start.float().expand(dinv.shape) / dinv.clamp_min(_EPS),
+                                 torch.zeros_like(dinv)).reshape(-1, N)
+            z, mu, gap, res, converged = _lanczos_solve(Mf, uf, z0, lanczos_max_steps, tol, gap_tol)
+            used = torch.zeros_like(converged)
+            todo = ~converged
+            if bool(todo.any()):  # the squaring solver for the rest
+                zp, mup, gapp, resp, conv = _power_solve(Mf[todo], uf[todo], min_squarings, max_squarings, tol,
+                                                         gap_tol)
+                z[todo], mu[todo], gap[todo], res[todo] = zp, mup, gapp, resp
+                used[todo] = ~conv
+        if solver != "eigh" and bool(used.any()):
+            z[used], mu[used], gap[used], res[used] = _eigh_solve(Mf[used])
         y = dinv * z.reshape(*batch, N)
         gap = gap.reshape(batch)
         if valid is not None:

@@ -96,6 +96,7 @@ class RFState:
     qk: LayerSum = dataclasses.field(default_factory=LayerSum)
     dis: Tensor | None = None  # (B, N) bool, this layer's distraction tokens T_dis
     dis_any: bool = False
+    fiedler_y: Tensor | None = None  # the last cut's Fiedler vectors: the next layer's warm start (eig_solver=lanczos)
     generator: torch.Generator | None = None  # random_tokens control
 
 
@@ -126,8 +127,9 @@ class RFCLIP(Method):
         preceding_only, ``defocus_sim_heads`` = mean | per_head, ``cut_threshold`` = mean | otsu (Table 5),
         ``fg_rule`` = fewer_distraction (the side with fewer distraction tokens) | max_abs (TokenCut) |
         smaller_side | less_attended, ``cut_graph`` = all (eq. 8) | non_distraction (the graph of the
-        non-distraction patches only), ``eig_solver`` = power | eigh,
-        ``power_max_squarings`` = 16, ``fiedler_tol`` = 1e-6 (residual stopping rule of the power solver; graphs
+        non-distraction patches only), ``eig_solver`` = lanczos (Krylov steps from the previous layer's Fiedler
+        vector, a proved eigengap; the graphs it does not settle go to power) | power | eigh,
+        ``power_max_squarings`` = 16, ``fiedler_tol`` = 1e-6 (residual stopping rule of the iterative solvers; graphs
         above it fall back to eigh), ``eigengap_tol`` = 1e-4 (graphs with a smaller eigengap are degenerate: no
         graph-cut choice, every non-distraction token is defocused).
     Last layer (eq. 14)
@@ -178,7 +180,7 @@ class RFCLIP(Method):
     cut_threshold: str = RF_CUT_THRESHOLD
     fg_rule: str = "fewer_distraction"
     cut_graph: str = "all"
-    eig_solver: str = "power"
+    eig_solver: str = "lanczos"
     power_max_squarings: int = RF_POWER_MAX_SQUARINGS
     fiedler_tol: float = RF_FIEDLER_RESIDUAL_TOL
     eigengap_tol: float = RF_EIGENGAP_TOL
@@ -414,10 +416,14 @@ class RFCLIP(Method):
                 S = src[:, :, 1:, 1:].float() / n  # (B, H, N, N)
                 d = dis.unsqueeze(1)
                 col = A[:, :, 1:, 1:].mean(-2) if self.fg_rule == "less_attended" else None
+            st = ctx.store["rfclip"]
+            warm = {"start": st.fiedler_y} if self.eig_solver == "lanczos" else {}
             target, fied = defocused_tokens(symmetrize(S), d, self.cut_threshold, self.fg_rule, col,
                                             self.eig_solver, cut_graph=self.cut_graph,
                                             gap_tol=float(self.eigengap_tol),
-                                            max_squarings=int(self.power_max_squarings), tol=float(self.fiedler_tol))
+                                            max_squarings=int(self.power_max_squarings), tol=float(self.fiedler_tol),
+                                            **warm)
+            st.fiedler_y = fied.y
         if ctx.record is not None:
             y = fied.y
             ctx.log(f"rf.L{layer}.fiedler", y if y.dim() == 2 else y.mean(1))
