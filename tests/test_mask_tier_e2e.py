@@ -46,7 +46,8 @@ def test_masks_then_corrclip_and_plugin_segment(files, tmp_path, monkeypatch, ca
     assert main(["masks", str(files["images"]), "--masks", f"sam:{files['sam']}?{SAM_FEW_POINTS}", "--out", str(maps),
                  "--device", "cpu"]) == 0
     capsys.readouterr()
-    assert sorted(p.name for p in maps.iterdir()) == ["img0.npz", "img1.npz", "img2.npz"]
+    assert sorted(p.name for p in maps.iterdir()) == ["img0.npz", "img1.npz", "img2.npz", "run.json"]
+    assert json.loads((maps / "run.json").read_text())["counts"]["written"] == 3
     with np.load(maps / "img0.npz", allow_pickle=False) as data:
         region_map = data["instance_mask"]
     assert region_map.shape == (48, 64) and region_map.dtype == np.int32 and region_map.max() > 0
