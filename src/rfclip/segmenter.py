@@ -124,9 +124,7 @@ def region_maps_for(rgb_images, paths, masks=None, source=None) -> list | None:
         return [check_region_map(m, rgb.shape[:2], name=f"region map of image {i}")
                 for i, (m, rgb) in enumerate(zip(masks, rgb_images))]
     if source is not None:
-        from .masks import check_region_map as check
-
-        return [check(source(rgb, path), rgb.shape[:2]) for rgb, path in zip(rgb_images, paths)]
+        return [check_region_map(source(rgb, path), rgb.shape[:2]) for rgb, path in zip(rgb_images, paths)]
     return None
 
 

@@ -160,7 +160,7 @@ def make_maps(source, paths: list[Path], out: Path, from_dataset: bool, counts, 
 def finish(args, out: Path, paths: list[Path], counts, world_size: int, started: float) -> dict:
     """Every rank's counts gathered; rank 0 writes ``OUT/run.json`` when a map was made or found."""
     from .. import __version__
-    from ..jobs.progress import RUN_FILE, barrier, gather, write_run_file
+    from ..jobs.progress import RUN_FILE, barrier, gather, run_outcome, write_run_file
 
     per_rank = gather(counts)
     barrier()  # every rank's maps are in place
@@ -173,11 +173,7 @@ def finish(args, out: Path, paths: list[Path], counts, world_size: int, started:
                      "limit": args.limit, "overwrite": args.overwrite},
         "counts": {"inputs": len(paths), "written": sum(c.written for c in per_rank),
                    "skipped_done_before": sum(c.done_before for c in per_rank), "failed": len(failed)},
-        "failed": failed,
-        "world_size": world_size,
-        "per_rank": [c.as_dict() for c in per_rank],
-        "wall_seconds": round(time.time() - started, 3),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **run_outcome(per_rank, failed, world_size, started),
     }
     if counts.rank == 0 and (result["counts"]["written"] or result["counts"]["skipped_done_before"]):
         try:

@@ -115,6 +115,17 @@ class Counts:
         return d
 
 
+def run_outcome(per_rank: list, failed: list[dict], world_size: int, started: float) -> dict:
+    """The part of a ``run.json`` every job shares: failures, ranks, each rank's counts and speed, wall time."""
+    return {
+        "failed": failed,
+        "world_size": world_size,
+        "per_rank": [c.as_dict() for c in per_rank],
+        "wall_seconds": round(time.time() - started, 3),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def write_run_file(out: Path, summary: dict) -> Path:
     """``OUT/run.json`` (rank 0, at the end of a job), whole or not at all; an OSError is the caller's to word."""
     from .._io import atomic_open

@@ -23,7 +23,7 @@ from ..outputs import (TEMP_SUFFIX, output_paths, png_settings_id, segmentation_
                        summary, write_outputs)
 from . import ItemDataset, collate, plan_parts, rank_parts
 from .inputs import Inputs, Item
-from .progress import RUN_FILE, Counts, Progress, barrier, gather, write_run_file
+from .progress import RUN_FILE, Counts, Progress, barrier, gather, run_outcome, write_run_file
 from .resume import (PARTS_DIR, coco_part_files, json_record_id, read_jsonl_ids, settings_difference, settings_id,
                      tar_settings_id)
 
@@ -144,7 +144,7 @@ def plan(job: JobOptions, inputs: Inputs, rank: int = 0, world_size: int = 1) ->
     problems = [c for rank_conflicts in gather(conflicts) for c in rank_conflicts]
     if problems:
         raise RfclipError(f"{problems[0]}" + (f" (and {len(problems) - 1} more outputs)" if len(problems) > 1 else "")
-                          + f"; rerun with --overwrite to replace them, or choose another --out")
+                          + "; rerun with --overwrite to replace them, or choose another --out")
     return Plan(parts=parts, mine=mine, todo=todo, done_before=done_before)
 
 
@@ -279,7 +279,6 @@ def segment_parts(job: JobOptions, inputs: Inputs, the_plan: Plan, segmenter, te
     skips = SkipReporter(lambda m: (progress.bar.clear() if progress.tty else None, error_line(f"{m} (skipped)")))
     sinks = Sinks(job, inputs, rank, the_plan.parts)
     writer = BackgroundWriter(depth=2 * job.images_per_batch)
-    sid = job.settings_id
     per_image_lines = world_size == 1 and not job.quiet
     noted: set[str] = set()
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -499,11 +498,7 @@ def finish(job: JobOptions, inputs: Inputs, counts: Counts, world_size: int, sta
                    "segmented": sum(c.written for c in per_rank),
                    "skipped_done_before": sum(c.done_before for c in per_rank),
                    "failed": len(failed)},
-        "failed": failed,
-        "world_size": world_size,
-        "per_rank": [c.as_dict() for c in per_rank],
-        "wall_seconds": round(time.time() - started, 3),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **run_outcome(per_rank, failed, world_size, started),
     }
     if counts.rank == 0 and (summary_["counts"]["segmented"] or summary_["counts"]["skipped_done_before"]):
         try:
